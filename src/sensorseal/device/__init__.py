@@ -1,0 +1,1 @@
+"""sensorseal.device."""
