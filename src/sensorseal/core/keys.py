@@ -10,6 +10,7 @@ Objects that wrap secrets never show them: `repr()` is redacted.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -25,6 +26,7 @@ __all__ = [
     "NONCE_LEN",
     "ROOT_SECRET_LEN",
     "Alg",
+    "broker_password",
     "KeyContext",
     "derive",
     "hkdf_info",
@@ -109,6 +111,17 @@ class KeyContext:
         """RFC 9052 section 3.1: left-pad the Partial IV to 12 bytes and XOR it with the base IV."""
         padded = int.from_bytes(partial_iv, "big")
         return (int.from_bytes(self.base_iv, "big") ^ padded).to_bytes(NONCE_LEN, "big")
+
+
+def broker_password(root_secret: bytes, device_id: DeviceId, epoch: int) -> str:
+    """The device's MQTT password: HKDF(root, purpose "broker-auth"), base64url, 43 chars.
+
+    A separate derived value (not the root secret) so that a broker, which must be able to check
+    it, learns nothing that opens or forges envelopes.
+    """
+    info = hkdf_info(device_id, epoch, Direction.UP, "broker-auth", 32, None)
+    raw = _hkdf(bytes(root_secret), info, 32)
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
 def derive(root_secret: bytes, device_id: DeviceId, epoch: int, direction: Direction) -> KeyContext:

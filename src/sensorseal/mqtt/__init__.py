@@ -1,0 +1,1 @@
+"""MQTT adapters: topic layout, broker authentication, device client, ingest workers, RPC."""
