@@ -26,8 +26,8 @@ __all__ = [
     "NONCE_LEN",
     "ROOT_SECRET_LEN",
     "Alg",
-    "broker_password",
     "KeyContext",
+    "broker_password",
     "derive",
     "hkdf_info",
 ]
