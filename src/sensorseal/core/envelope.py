@@ -17,9 +17,8 @@ returns an `Opened` or raises `Rejected` with a reason: never anything else.
 from __future__ import annotations
 
 import hmac as _stdlib_hmac
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import cbor2
 from cryptography.exceptions import InvalidTag
@@ -72,18 +71,23 @@ def _bstr(b: bytes) -> bytes:
     return _bstr_head(len(b)) + b
 
 
-_ENC0_CONTEXT = cbor2.dumps("Encrypt0")
-_MAC0_CONTEXT = cbor2.dumps("MAC0")
+_ENC0_PREFIX = b"\x83" + cbor2.dumps("Encrypt0")
+_MAC0_PREFIX = b"\x84" + cbor2.dumps("MAC0")
 _aad_cache: dict[tuple[Direction, str], bytes] = {}
 
 
 def external_aad(direction: Direction, route: str) -> bytes:
     """CBOR ["sensorseal/1", direction, route]: binds a message to its direction and route."""
+    return cbor2.dumps([PROTOCOL_LABEL, direction.value, route])
+
+
+def _aad_bstr(direction: Direction, route: str) -> bytes:
+    """The external AAD wrapped as a CBOR byte string, cached: routes are few."""
     key = (direction, route)
     aad = _aad_cache.get(key)
     if aad is None:
-        aad = cbor2.dumps([PROTOCOL_LABEL, direction.value, route])
-        if len(_aad_cache) < 4096:  # routes are few; never let this grow without bound
+        aad = _bstr(external_aad(direction, route))
+        if len(_aad_cache) < 4096:  # never let the cache grow without bound
             _aad_cache[key] = aad
     return aad
 
@@ -93,9 +97,11 @@ def partial_iv(seq: int) -> bytes:
     return seq.to_bytes(max(1, (seq.bit_length() + 7) // 8), "big")
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """A parsed but not yet verified envelope. Nothing in it is trustworthy yet."""
+class Envelope(NamedTuple):
+    """A parsed but not yet verified envelope. Nothing in it is trustworthy yet.
+
+    (NamedTuples, not frozen dataclasses, on the hot path: they build about 5x faster.)
+    """
 
     level: Level
     alg: int
@@ -103,14 +109,13 @@ class Envelope:
     epoch: int
     seq: int
     timestamp_ms: int | None
-    protected: bytes  # the serialized protected header, as received
+    protected: bytes  # the protected header as a CBOR bstr (head + bytes), as received
     partial_iv: bytes
     body: bytes  # ciphertext+tag (sealed) or payload (signed)
     tag: bytes  # MAC tag (signed); empty for sealed
 
 
-@dataclass(frozen=True, slots=True)
-class Opened:
+class Opened(NamedTuple):
     """An accepted message: authentic, fresh and within policy."""
 
     device_id: DeviceId
@@ -128,14 +133,21 @@ def _malformed(detail: str) -> Rejected:
     return Rejected(RejectReason.MALFORMED, detail)
 
 
+_SEALED, _SIGNED = Level.SEALED, Level.SIGNED  # enum attribute lookups cost ~0.2 us each
+_HMAC = int(Alg.HMAC_256_256)
+_AEAD_INTS = frozenset(int(a) for a in AEAD_ALGS)
+_MAX_EPOCH = 2**32
+
+
 def _header(protected: bytes, level: Level) -> tuple[int, DeviceId, int, bytes, int | None]:
     try:
-        hdr = cbor2.loads(protected, max_depth=2, allow_indefinite=False,
-                          allow_duplicate_keys=False)
+        hdr = cbor2.loads(protected)
     except Exception as exc:  # cbor2 raises several types; all mean the same here
         raise _malformed("protected header is not CBOR") from exc
-    if not isinstance(hdr, dict):
-        raise _malformed("protected header is not a map")
+    # A definite-length map of n < 24 pairs starts with 0xa0|n. Comparing that head with the
+    # decoded size refuses duplicate labels (which would silently collapse) and odd framings.
+    if type(hdr) is not dict or protected[0] != 0xA0 | len(hdr):
+        raise _malformed("protected header is not a map of distinct labels")
     if not _KNOWN_LABELS.issuperset(hdr):
         raise _malformed("unknown label in protected header")
     alg = hdr.get(HDR_ALG)
@@ -145,63 +157,90 @@ def _header(protected: bytes, level: Level) -> tuple[int, DeviceId, int, bytes, 
     ts = hdr.get(HDR_TIMESTAMP)
     if type(alg) is not int:
         raise _malformed("alg missing or not an integer")
-    if level is Level.SEALED and alg not in AEAD_ALGS:
-        raise Rejected(RejectReason.UNSUPPORTED, f"alg {alg} not accepted for Encrypt0")
-    if level is Level.SIGNED and alg != Alg.HMAC_256_256:
-        raise Rejected(RejectReason.UNSUPPORTED, f"alg {alg} not accepted for Mac0")
+    if (alg != _HMAC) if level is _SIGNED else (alg not in _AEAD_INTS):
+        raise Rejected(RejectReason.UNSUPPORTED, f"alg {alg} not accepted for {level.value}")
     if type(kid) is not bytes or len(kid) != DEVICE_ID_LEN:
         raise _malformed("kid must be a 12-byte device id")
     if type(piv) is not bytes or not 1 <= len(piv) <= 5 or (len(piv) > 1 and piv[0] == 0):
         raise _malformed("Partial IV must be 1-5 bytes, shortest form")
-    if type(epoch) is not int or not 0 <= epoch < 2**32:
+    if type(epoch) is not int or not 0 <= epoch < _MAX_EPOCH:
         raise _malformed("epoch missing or out of range")
     if ts is not None and (type(ts) is not int or not 0 <= ts < _MAX_TS):
         raise _malformed("timestamp out of range")
-    return alg, DeviceId(kid), epoch, piv, ts
+    return alg, DeviceId.trusted(kid), epoch, piv, ts
+
+
+def _bstr_at(data: bytes, off: int) -> tuple[int, int]:
+    """Locate the definite-length byte string whose head is at `off`: (start, end) of its
+    content. Only the shortest head is accepted (RFC 8949 section 4.2.1)."""
+    if off >= len(data):
+        raise _malformed("truncated")
+    head = data[off]
+    if head >> 5 != 2:
+        raise _malformed("byte string expected")
+    info = head & 0x1F
+    if info < 24:
+        start, length = off + 1, info
+    elif info == 24:
+        if off + 1 >= len(data):
+            raise _malformed("truncated")
+        start, length, floor = off + 2, data[off + 1], 24
+    elif info == 25:
+        start, length, floor = off + 3, int.from_bytes(data[off + 1:off + 3], "big"), 0x100
+    elif info == 26:
+        start, length, floor = off + 5, int.from_bytes(data[off + 1:off + 5], "big"), 0x10000
+    else:
+        raise _malformed("byte string length form not accepted")
+    if start > len(data):
+        raise _malformed("truncated")
+    if info >= 24 and length < floor:
+        raise _malformed("non-canonical length")
+    end = start + length
+    if end > len(data):
+        raise _malformed("truncated")
+    return start, end
 
 
 def parse(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Envelope:
-    """Parse the outer structure and header. Raises Rejected(MALFORMED|OVERSIZE|UNSUPPORTED)."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise _malformed("not bytes")
+    """Parse the outer structure and header. Raises Rejected(MALFORMED|OVERSIZE|UNSUPPORTED).
+
+    Exactly one encoding of the outer structure is accepted: the tag, a definite array head,
+    byte strings with their shortest heads, an empty unprotected map, nothing after the item.
+    That is all a byte-level reader needs, so the outer layer is read without a CBOR decoder,
+    and with the authenticated fields fixed no unauthenticated byte is left to flip.
+    """
+    if not isinstance(data, bytes):
+        if not isinstance(data, bytearray | memoryview):
+            raise _malformed("not bytes")
+        data = bytes(data)
     if len(data) > max_size:
         raise Rejected(RejectReason.OVERSIZE, f"{len(data)} bytes > limit {max_size}")
-    data = bytes(data)
-    try:
-        item = cbor2.loads(data, max_depth=3, allow_indefinite=False)
-    except Exception as exc:
-        raise _malformed("not CBOR") from exc
-    # cbor2 6 decodes the contents of a tag as immutable values (tuple, frozendict).
-    if not isinstance(item, cbor2.CBORTag) or type(item.value) not in (list, tuple):
-        raise _malformed("not a tagged COSE array")
-    parts: Sequence[Any] = item.value
-    if item.tag == TAG_ENCRYPT0 and len(parts) == 3:
-        level, expected = Level.SEALED, 3
-    elif item.tag == TAG_MAC0 and len(parts) == 4:
-        level, expected = Level.SIGNED, 4
+    lead = data[:2]
+    if lead == b"\xd0\x83":
+        level = _SEALED
+    elif lead == b"\xd1\x84":
+        level = _SIGNED
     else:
-        raise _malformed("not COSE_Encrypt0 or COSE_Mac0")
-    protected, unprotected, body = parts[0], parts[1], parts[2]
-    tag = parts[3] if expected == 4 else b""
-    if type(protected) is not bytes or type(body) is not bytes or type(tag) is not bytes:
-        raise _malformed("protected, body and tag must be byte strings")
-    if not isinstance(unprotected, Mapping) or len(unprotected) != 0:
-        raise _malformed("unprotected header must be empty")
-    # Exactly one encoding is accepted: shortest heads, nothing after the item. With the
-    # authenticated fields fixed this leaves no unauthenticated byte to flip.
-    size = (3 + len(_bstr_head(len(protected))) + len(protected)
-            + len(_bstr_head(len(body))) + len(body))
-    if expected == 4:
-        size += len(_bstr_head(len(tag))) + len(tag)
-    if size != len(data):
-        raise _malformed("non-canonical framing or trailing bytes")
+        raise _malformed("not COSE_Encrypt0 (tag 16) or COSE_Mac0 (tag 17)")
+    p_start, p_end = _bstr_at(data, 2)
+    if data[p_end:p_end + 1] != b"\xa0":
+        raise _malformed("unprotected header must be an empty map")
+    b_start, b_end = _bstr_at(data, p_end + 1)
+    if level is _SIGNED:
+        t_start, t_end = _bstr_at(data, b_end)
+        tag = data[t_start:t_end]
+        if len(tag) != _MAC_LEN:
+            raise _malformed("MAC tag must be 32 bytes")
+    else:
+        t_end, tag = b_end, b""
+        if b_end - b_start < _TAG_LEN:
+            raise _malformed("ciphertext shorter than its tag")
+    if t_end != len(data):
+        raise _malformed("trailing bytes")
+    protected = data[p_start:p_end]
     alg, device_id, epoch, piv, ts = _header(protected, level)
-    if level is Level.SEALED and len(body) < _TAG_LEN:
-        raise _malformed("ciphertext shorter than its tag")
-    if level is Level.SIGNED and len(tag) != _MAC_LEN:
-        raise _malformed("MAC tag must be 32 bytes")
-    return Envelope(level, alg, device_id, epoch, int.from_bytes(piv, "big"), ts, protected, piv,
-                    body, tag)
+    return Envelope(level, alg, device_id, epoch, int.from_bytes(piv, "big"), ts, data[2:p_end],
+                    piv, data[b_start:b_end], tag)
 
 
 def _protected(alg: int, device_id: bytes, seq: int, epoch: int, timestamp_ms: int | None) -> bytes:
@@ -212,13 +251,15 @@ def _protected(alg: int, device_id: bytes, seq: int, epoch: int, timestamp_ms: i
     return cbor2.dumps(hdr)
 
 
-def _enc_structure(protected: bytes, aad: bytes) -> bytes:
-    # ["Encrypt0", protected, external_aad], built without a CBOR encoder call (hot path).
-    return b"\x83" + _ENC0_CONTEXT + _bstr(protected) + _bstr(aad)
+def _enc_structure(protected_bstr: bytes, aad_bstr: bytes) -> bytes:
+    """Enc_structure ["Encrypt0", protected, external_aad] (RFC 9052 section 5.3), from parts
+    that are already CBOR byte strings: no encoder call on the hot path."""
+    return _ENC0_PREFIX + protected_bstr + aad_bstr
 
 
-def _mac_structure(protected: bytes, aad: bytes, payload: bytes) -> bytes:
-    return b"\x84" + _MAC0_CONTEXT + _bstr(protected) + _bstr(aad) + _bstr(payload)
+def _mac_structure(protected_bstr: bytes, aad_bstr: bytes, payload: bytes) -> bytes:
+    """MAC_structure ["MAC0", protected, external_aad, payload] (RFC 9052 section 6.3)."""
+    return _MAC0_PREFIX + protected_bstr + aad_bstr + _bstr(payload)
 
 
 def _hmac(key: bytes, data: bytes) -> bytes:
@@ -234,26 +275,27 @@ def seal(payload: bytes, *, keys: KeyContext, seq: int, route: str, timestamp_ms
         raise ConfigError(f"seq must be between 0 and {MAX_SEQ}")
     if timestamp_ms is not None and not 0 <= timestamp_ms < _MAX_TS:
         raise ConfigError("timestamp out of range")
-    aad = external_aad(keys.direction, route)
+    aad = _aad_bstr(keys.direction, route)
     if level is Level.SEALED:
         alg = Alg.A256GCM if alg is None else alg
         if alg not in AEAD_ALGS:
             raise ConfigError(f"not an AEAD algorithm: {alg}")
         protected = _protected(alg, keys.device_id, seq, keys.epoch, timestamp_ms)
-        ct = keys.aead(alg).encrypt(keys.nonce(partial_iv(seq)), payload,
-                                    _enc_structure(protected, aad))
-        return b"\xd0\x83" + _bstr(protected) + b"\xa0" + _bstr(ct)
+        prot = _bstr(protected)
+        ct = keys.aead(alg).encrypt(keys.nonce(partial_iv(seq)), payload, _enc_structure(prot, aad))
+        return b"\xd0\x83" + prot + b"\xa0" + _bstr(ct)
     if alg not in (None, Alg.HMAC_256_256):
         raise ConfigError("level signed uses HMAC 256/256")
     protected = _protected(Alg.HMAC_256_256, keys.device_id, seq, keys.epoch, timestamp_ms)
-    tag = _hmac(keys.mac_key, _mac_structure(protected, aad, payload))
-    return b"\xd1\x84" + _bstr(protected) + b"\xa0" + _bstr(payload) + _bstr(tag)
+    prot = _bstr(protected)
+    tag = _hmac(keys.mac_key, _mac_structure(prot, aad, payload))
+    return b"\xd1\x84" + prot + b"\xa0" + _bstr(payload) + _bstr(tag)
 
 
 def verify(env: Envelope, keys: KeyContext, route: str) -> bytes:
     """Check the envelope's MAC or AEAD tag under `keys`; return the payload."""
-    aad = external_aad(keys.direction, route)
-    if env.level is Level.SEALED:
+    aad = _aad_bstr(keys.direction, route)
+    if env.level is _SEALED:
         try:
             return keys.aead(env.alg).decrypt(keys.nonce(env.partial_iv), env.body,
                                               _enc_structure(env.protected, aad))

@@ -43,6 +43,11 @@ class DeviceId(bytes):
         return super().__new__(cls, value)
 
     @classmethod
+    def trusted(cls, value: bytes) -> DeviceId:
+        """Construct from bytes whose length the caller has already checked (hot path)."""
+        return bytes.__new__(cls, value)
+
+    @classmethod
     def parse(cls, text: str) -> DeviceId:
         """Parse the 24-hex form; raises ConfigError with a clear message otherwise."""
         if not isinstance(text, str) or not _HEX24.fullmatch(text):

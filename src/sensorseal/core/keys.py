@@ -72,6 +72,7 @@ class KeyContext:
     direction: Direction
     _root: bytes = field(repr=False)
     base_iv: bytes = field(init=False, repr=False)
+    _base_iv_int: int = field(init=False, repr=False)
     _aeads: dict[int, AESGCM | ChaCha20Poly1305] = field(init=False, repr=False,
                                                           default_factory=dict)
     _mac_key: bytes | None = field(init=False, repr=False, default=None)
@@ -82,6 +83,7 @@ class KeyContext:
         if not 0 <= self.epoch < 2**32:
             raise ConfigError("epoch out of range")
         self.base_iv = self._derive("iv", NONCE_LEN, None)
+        self._base_iv_int = int.from_bytes(self.base_iv, "big")
 
     def _derive(self, purpose: str, length: int, alg: int | None) -> bytes:
         info = hkdf_info(self.device_id, self.epoch, self.direction, purpose, length, alg)
@@ -109,8 +111,7 @@ class KeyContext:
 
     def nonce(self, partial_iv: bytes) -> bytes:
         """RFC 9052 section 3.1: left-pad the Partial IV to 12 bytes and XOR it with the base IV."""
-        padded = int.from_bytes(partial_iv, "big")
-        return (int.from_bytes(self.base_iv, "big") ^ padded).to_bytes(NONCE_LEN, "big")
+        return (self._base_iv_int ^ int.from_bytes(partial_iv, "big")).to_bytes(NONCE_LEN, "big")
 
 
 def broker_password(root_secret: bytes, device_id: DeviceId, epoch: int) -> str:
