@@ -144,10 +144,13 @@ def _header(protected: bytes, level: Level) -> tuple[int, DeviceId, int, bytes, 
         hdr = cbor2.loads(protected)
     except Exception as exc:  # cbor2 raises several types; all mean the same here
         raise _malformed("protected header is not CBOR") from exc
-    # A definite-length map of n < 24 pairs starts with 0xa0|n. Comparing that head with the
-    # decoded size refuses duplicate labels (which would silently collapse) and odd framings.
-    if type(hdr) is not dict or protected[0] != 0xA0 | len(hdr):
-        raise _malformed("protected header is not a map of distinct labels")
+    if type(hdr) is not dict:
+        raise _malformed("protected header is not a map")
+    # Re-encoding must give the same bytes: this refuses trailing bytes (cbor2.loads ignores
+    # them), duplicate labels (they collapse), indefinite lengths and any non-preferred
+    # serialization, in one C call. Map order is kept, so any label order is fine.
+    if cbor2.dumps(hdr) != protected:
+        raise _malformed("protected header not in preferred serialization")
     if not _KNOWN_LABELS.issuperset(hdr):
         raise _malformed("unknown label in protected header")
     alg = hdr.get(HDR_ALG)
