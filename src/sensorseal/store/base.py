@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from sensorseal.core.ids import DeviceId
 
@@ -45,8 +45,9 @@ class DeviceRecord:
     last_seen_ms: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class TelemetryRow:
+class TelemetryRow(NamedTuple):
+    """One accepted message. (A NamedTuple: ingest builds one per message, ~3x cheaper.)"""
+
     device_id: DeviceId
     epoch: int
     seq: int
@@ -58,8 +59,7 @@ class TelemetryRow:
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class AuditEvent:
+class AuditEvent(NamedTuple):
     """A security event: every rejection, and operator actions on devices."""
 
     at_ms: int

@@ -80,8 +80,9 @@ def migrations() -> list[tuple[int, str, str]]:
             found.append((int(name[:4]), name, entry.read_text(encoding="utf-8")))
     found.sort()
     versions = [v for v, _, _ in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise ConfigError(f"store migrations are not numbered 1..n: {versions}")
+    # Numbers are unique and increasing; gaps are allowed (features reserve their numbers).
+    if len(set(versions)) != len(versions) or (versions and versions[0] < 1):
+        raise ConfigError(f"store migrations must have unique positive numbers: {versions}")
     return found
 
 
@@ -196,9 +197,10 @@ class SQLiteStore:
                          " applied_ms INTEGER NOT NULL)")
             applied = {int(v) for (v,) in conn.execute("SELECT version FROM schema_version")}
             newest = max(applied, default=0)
-            if newest > len(available):
+            known = max((v for v, _, _ in available), default=0)
+            if newest > known:
                 raise ConfigError(f"database schema version {newest} is newer than this "
-                                  f"sensorseal (knows up to {len(available)}); upgrade sensorseal")
+                                  f"sensorseal (knows up to {known}); upgrade sensorseal")
             for version, name, sql in available:
                 if version in applied:
                     continue
@@ -206,7 +208,7 @@ class SQLiteStore:
                     conn.execute(statement)
                 conn.execute("INSERT INTO schema_version (version, name, applied_ms)"
                              " VALUES (?, ?, ?)", (version, name, int(time.time() * 1000)))
-        return len(available)
+        return known
 
     def schema_version(self) -> int:
         """The newest applied migration, 0 for an empty database."""
