@@ -17,7 +17,8 @@ import pytest
 CMD = [sys.executable, "-m", "sensorseal"]
 
 
-def run(data: Path, *args: str, check: int | None = 0, **kw: object) -> subprocess.CompletedProcess[str]:
+def run(data: Path, *args: str, check: int | None = 0,
+        **kw: object) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SENSORSEAL_DATA_DIR": str(data), "COLUMNS": "200"}
     proc = subprocess.run([*CMD, *args], capture_output=True, text=True, env=env, timeout=120,
                           **kw)  # type: ignore[call-overload]
@@ -121,7 +122,8 @@ def test_send_as_device_then_replay_and_revocation(data: Path, server: str,
     time.sleep(1.2)
     run(data, "send", "--url", server, "--credential", cred, "--state-dir", str(state),
         '{"temp_c": 22}', check=1)
-    rows = [json.loads(x) for x in run(data, "events", "--json", "--device", did).stdout.splitlines()]
+    lines = run(data, "events", "--json", "--device", did).stdout.splitlines()
+    rows = [json.loads(x) for x in lines]
     assert any(r["reason"] == "revoked" for r in rows)
 
 
