@@ -139,6 +139,22 @@ _AEAD_INTS = frozenset(int(a) for a in AEAD_ALGS)
 _MAX_EPOCH = 2**32
 
 
+# map head (1) + alg label (1) + kid label and 12-byte bstr (1+1+12) + Partial IV label and
+# bstr head (1+1) + epoch label (-65537: 5 bytes). Values of variable size are added per header.
+_HDR_FIXED = 1 + 1 + 14 + 2 + 5
+
+
+def _uint_len(n: int) -> int:
+    """Bytes of the shortest CBOR encoding of the unsigned integer n (head included)."""
+    if n < 24:
+        return 1
+    if n < 0x100:
+        return 2
+    if n < 0x10000:
+        return 3
+    return 5 if n < 0x100000000 else 9
+
+
 def _header(protected: bytes, level: Level) -> tuple[int, DeviceId, int, bytes, int | None]:
     try:
         hdr = cbor2.loads(protected)
@@ -146,11 +162,6 @@ def _header(protected: bytes, level: Level) -> tuple[int, DeviceId, int, bytes, 
         raise _malformed("protected header is not CBOR") from exc
     if type(hdr) is not dict:
         raise _malformed("protected header is not a map")
-    # Re-encoding must give the same bytes: this refuses trailing bytes (cbor2.loads ignores
-    # them), duplicate labels (they collapse), indefinite lengths and any non-preferred
-    # serialization, in one C call. Map order is kept, so any label order is fine.
-    if cbor2.dumps(hdr) != protected:
-        raise _malformed("protected header not in preferred serialization")
     if not _KNOWN_LABELS.issuperset(hdr):
         raise _malformed("unknown label in protected header")
     alg = hdr.get(HDR_ALG)
@@ -170,6 +181,14 @@ def _header(protected: bytes, level: Level) -> tuple[int, DeviceId, int, bytes, 
         raise _malformed("epoch missing or out of range")
     if ts is not None and (type(ts) is not int or not 0 <= ts < _MAX_TS):
         raise _malformed("timestamp out of range")
+    # Preferred serialization is the shortest one, so its size follows from the values. A
+    # header of any other size had trailing bytes (cbor2.loads ignores them), duplicate labels
+    # (they collapse), indefinite lengths or longer heads: all refused. (Re-encoding with
+    # cbor2.dumps would check the same at ~5 us; this costs well under 1 us.)
+    size = (_HDR_FIXED + _uint_len(alg) + len(piv) + _uint_len(epoch)
+            + (0 if ts is None else 5 + _uint_len(ts)))
+    if size != len(protected):
+        raise _malformed("protected header not in preferred serialization")
     return alg, DeviceId.trusted(kid), epoch, piv, ts
 
 

@@ -189,3 +189,18 @@ def test_credential_round_trip_and_errors() -> None:
         with pytest.raises(ConfigError) as info:
             DeviceCredential.parse(bad)
         assert cred.encode().split(".")[3] not in str(info.value)
+
+
+def test_protected_header_must_be_preferred_serialization() -> None:
+    """Longer heads, duplicate labels and indefinite maps all change the header's size."""
+    good = parse(sealed()).protected
+    prot = cbor2.loads(good)  # the bstr's content
+    # epoch 1 written with a 4-byte head (1a 00 00 00 01) instead of the one-byte 01
+    longer = prot.replace(b"\x3a\x00\x01\x00\x00\x01", b"\x3a\x00\x01\x00\x00\x1a\x00\x00\x00\x01")
+    # the same map written as an indefinite-length map
+    indefinite = b"\xbf" + prot[1:] + b"\xff"
+    # a duplicated alg label: cbor2 keeps the last value, the map head says one pair more
+    duplicated = bytes([prot[0] + 1]) + prot[1:] + b"\x01\x03"
+    for variant in (longer, indefinite, duplicated, prot + b"\x00"):
+        data = cbor2.dumps(cbor2.CBORTag(16, [variant, {}, b"x" * 32]))
+        assert reason(data) is RejectReason.MALFORMED, variant.hex()
