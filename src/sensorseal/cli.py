@@ -101,17 +101,52 @@ def init(ctx: click.Context) -> None:
               help="0 picks a free port.")
 @click.option("--certfile", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--keyfile", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Worker processes sharing the listening socket and the database.")
+@click.option("--mqtt", "mqtt_broker", metavar="HOST:PORT",
+              help="With --workers: each worker also ingests from this MQTT broker (shared "
+                   "subscription; credentials from SENSORSEAL_MQTT_USERNAME/_PASSWORD).")
 @click.pass_context
 def serve(ctx: click.Context, host: str, http_port: int, certfile: Path | None,
-          keyfile: Path | None) -> None:
+          keyfile: Path | None, workers: int, mqtt_broker: str | None) -> None:
     """Run the ingest server (HTTP, HTTPS with --certfile/--keyfile)."""
     from sensorseal.server.run import serve as run_server
 
     datadir: DataDir = ctx.obj["datadir"]
     try:
-        run_server(datadir.path, host=host, port=http_port, certfile=certfile, keyfile=keyfile)
+        if workers > 1 or mqtt_broker is not None:
+            from sensorseal.server.workers import serve_workers
+
+            serve_workers(datadir.path, workers=workers, host=host, port=http_port,
+                          certfile=certfile, keyfile=keyfile, mqtt=mqtt_broker)
+        else:
+            run_server(datadir.path, host=host, port=http_port, certfile=certfile,
+                       keyfile=keyfile)
     except ConfigError as exc:
         _fail(str(exc))
+
+
+@main.group()
+def db() -> None:
+    """The database (SQLite in the data dir, or $SENSORSEAL_DATABASE_URL)."""
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx: click.Context) -> None:
+    """Apply the schema migrations this version knows (idempotent; also done at start)."""
+    from sensorseal.store import open_store
+
+    datadir: DataDir = ctx.obj["datadir"]
+    try:
+        store = open_store(datadir.store_url, migrate=False)
+        try:
+            version = store.migrate()
+        finally:
+            store.close()
+    except ConfigError as exc:
+        _fail(str(exc))
+    out.print(f"database schema at version {version}")
 
 
 # -- devices ------------------------------------------------------------------------------------
@@ -123,12 +158,28 @@ def device() -> None:
 
 @device.command("add")
 @click.argument("name")
-@click.option("--policy", type=click.Choice(sorted(PRESETS)), default="standard",
-              show_default=True)
+@click.option("--policy", type=click.Choice(sorted(PRESETS)), default=None,
+              help="Default: standard (legacy for --legacy devices).")
+@click.option("--legacy", type=click.Choice(["valarm", "yoctopuce", "waspmote"]),
+              help="A device that speaks a legacy format (docs/compat.md).")
+@click.option("--legacy-id", help="Valarm: its existing 24-hex id; Yoctopuce: the hub serial; "
+                                  "Waspmote: the node serial.")
+@click.option("--secret-stdin", is_flag=True,
+              help="Read the legacy secret (API key, hub password, AES password) from stdin. "
+                   "Without it a Valarm API key is generated and a hub/node has none.")
+@click.option("--aes-bits", type=click.Choice(["128", "192", "256"]), default="128",
+              show_default=True, help="Waspmote AES key size.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def device_add(ctx: click.Context, name: str, policy: str, as_json: bool) -> None:
+def device_add(ctx: click.Context, name: str, policy: str | None, legacy: str | None,
+               legacy_id: str | None, secret_stdin: bool, aes_bits: str,
+               as_json: bool) -> None:
     """Provision a device; its credential is shown once, here."""
+    if legacy is not None:
+        _legacy_add(ctx, name, policy or "legacy", legacy, legacy_id, secret_stdin,
+                    int(aes_bits), as_json)
+        return
+    policy = policy or "standard"
     with _registry(ctx) as reg:
         cred = reg.add_device(name, policy)
     if as_json:
@@ -138,6 +189,26 @@ def device_add(ctx: click.Context, name: str, policy: str, as_json: bool) -> Non
     out.print(f"Device [bold]{cred.device_id}[/] ({name}, policy {policy})")
     out.print("Credential (shown once; load it into the device):")
     out.print(cred.encode(), soft_wrap=True, markup=False)
+
+
+def _legacy_add(ctx: click.Context, name: str, policy: str, kind: str, legacy_id: str | None,
+                secret_stdin: bool, aes_bits: int, as_json: bool) -> None:
+    secret = sys.stdin.readline().rstrip("\r\n") if secret_stdin else None
+    if secret_stdin and not secret:
+        _fail("--secret-stdin: no secret on stdin", 2)
+    with _registry(ctx) as reg:
+        dev = reg.add_legacy_device(name, kind, external_id=legacy_id, secret=secret,
+                                    aes_bits=aes_bits, policy=policy)
+    if as_json:
+        out.print_json(json.dumps({"device_id": str(dev.device_id), "kind": kind,
+                                   "legacy_id": dev.external_id, "policy": policy,
+                                   "api_key": dev.generated_secret}))
+        return
+    out.print(f"Legacy {kind} device [bold]{dev.device_id}[/] ({name}, {dev.external_id}, "
+              f"policy {policy})")
+    if dev.generated_secret is not None:
+        out.print("API key (shown once; configure it in the device):")
+        out.print(dev.generated_secret, soft_wrap=True, markup=False)
 
 
 @device.command("list")
@@ -197,6 +268,48 @@ def _status_command(verb: str, done: str, doc: str) -> None:
 _status_command("suspend", "Suspended", "Refuse a device's messages until it is resumed.")
 _status_command("resume", "Resumed", "Accept a suspended device's messages again.")
 _status_command("revoke", "Revoked", "Refuse a device forever (its id is never reused).")
+
+
+@device.command("migrate")
+@click.argument("device_id")
+@click.option("--to", "target", type=click.Choice(["native"]), required=True)
+@click.option("--policy", type=click.Choice(sorted(p for p in PRESETS
+                                                   if not p.startswith("legacy"))),
+              default="standard", show_default=True,
+              help="Policy to switch to once the device has used its native keys.")
+@click.pass_context
+def device_migrate(ctx: click.Context, device_id: str, target: str, policy: str) -> None:
+    """Issue native keys to a legacy device (shown once). Its legacy format stays accepted
+    until its first native message; then its policy switches and its legacy key is disabled.
+    Run again to see whether that has happened."""
+    did = _device_id(device_id)
+    with _registry(ctx) as reg:
+        cred = reg.legacy_of(did)
+        if cred is not None and cred.state != "active":
+            if cred.state == "migrating" and reg.finish_migration_if_used(did):
+                cred = reg.legacy_of(did)
+            assert cred is not None
+            out.print(f"{did}: migration {cred.state} (target policy {cred.target_policy})")
+            return
+        native = reg.start_migration(did, target_policy=policy)
+    out.print(f"Native credential for [bold]{did}[/] (epoch {native.epoch}; shown once):")
+    out.print(native.encode(), soft_wrap=True, markup=False)
+    out.print("Legacy formats have no confidential channel to the device: load this credential "
+              "locally (device console/USB) or into the sensorseal gateway next to it. "
+              f"The first native message switches it to policy {policy}.", markup=False)
+
+
+@device.command("command")
+@click.argument("device_id")
+@click.option("--yocto", "url", required=True,
+              help='A path on the hub, e.g. "/bySerial/RELAYLO1-XXXX/api/relay1?state=1".')
+@click.pass_context
+def device_command(ctx: click.Context, device_id: str, url: str) -> None:
+    """Queue a command for a Yoctopuce hub: sent in the reply to its next callback."""
+    did = _device_id(device_id)
+    with _registry(ctx) as reg:
+        command_id = reg.queue_legacy_command(did, url)
+    out.print(f"Queued command #{command_id} for {did}")
 
 
 # -- events ------------------------------------------------------------------------------------
@@ -302,6 +415,247 @@ def demo(ctx: click.Context, duration: float, n_devices: int, http_port: int,
     except ConfigError as exc:
         _fail(str(exc))
     sys.exit(0 if ok else EXIT_NO)
+
+
+# -- key lifecycle: rotation, E5 renewal, device keys, KEK rotation, archive check ---------------
+
+@contextmanager
+def _lifecycle(ctx: click.Context) -> Iterator[Any]:
+    from sensorseal.lifecycle import KeyLifecycle
+    from sensorseal.mqtt.commands import COUNTER_FILE, CloudLink, DownlinkCounter
+
+    datadir: DataDir = ctx.obj["datadir"]
+    try:
+        store, keystore = datadir.open()
+    except ConfigError as exc:
+        _fail(str(exc))
+    counter = DownlinkCounter(datadir.path / COUNTER_FILE)
+    try:
+        registry = Registry(store, keystore)
+        link = CloudLink(registry, counter)
+        yield KeyLifecycle(registry, store, keystore, seal_down=link.seal_down)
+    except ConfigError as exc:
+        _fail(str(exc))
+    finally:
+        counter.close()
+        store.close()
+
+
+@device.command("rotate")
+@click.argument("device_id")
+@click.option("--grace", "grace_s", type=click.IntRange(0, 365 * 86400), default=86400,
+              show_default=True, help="Seconds the old epoch stays valid (messages in flight).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def device_rotate(ctx: click.Context, device_id: str, grace_s: int, as_json: bool) -> None:
+    """Start a new key epoch; the new credential is shown once, here."""
+    did = _device_id(device_id)
+    with _lifecycle(ctx) as life:
+        cred = life.rotate(did, grace_ms=grace_s * 1000)
+    if as_json:
+        out.print_json(json.dumps({"device_id": str(did), "epoch": cred.epoch,
+                                   "credential": cred.encode(), "grace_s": grace_s}))
+        return
+    out.print(f"Device [bold]{did}[/] now at epoch {cred.epoch}; epoch {cred.epoch - 1} "
+              f"stays valid for {grace_s}s")
+    out.print("Credential (shown once; load it into the device):")
+    out.print(cred.encode(), soft_wrap=True, markup=False)
+
+
+@device.command("enroll-keys")
+@click.argument("device_id")
+@click.option("--suite", type=click.Choice(["x25519", "mlkem768-x25519"]), default="x25519",
+              show_default=True, help="HPKE suite of the renewal key pair.")
+@click.option("--signing", type=click.Choice(["none", "ed25519", "es256"]), default="ed25519",
+              show_default=True, help="Device signing key (level attested).")
+@click.option("--out", "out_file", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Where the device's PRIVATE keys are written (0600; load into the device).")
+@click.option("--public-out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the signing PUBLIC key (PEM), e.g. for verify-archive.")
+@click.pass_context
+def device_enroll_keys(ctx: click.Context, device_id: str, suite: str, signing: str,
+                       out_file: Path, public_out: Path | None) -> None:
+    """Make the device's renewal (and signing) key pairs and register the public halves."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    from sensorseal.core.renewal import DeviceKemKey, RenewalSuite
+
+    did = _device_id(device_id)
+    kem = DeviceKemKey.generate(RenewalSuite.X25519 if suite == "x25519"
+                                else RenewalSuite.MLKEM768_X25519)
+    sign_key: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | None = None
+    if signing == "ed25519":
+        sign_key = ed25519.Ed25519PrivateKey.generate()
+    elif signing == "es256":
+        sign_key = ec.generate_private_key(ec.SECP256R1())
+    doc: dict[str, Any] = {"device_id": str(did), "renewal_suite": kem.suite.name,
+                           "renewal_private": base64.b64encode(kem.private_bytes()).decode()}
+    if sign_key is not None:
+        doc["signing"] = signing
+        doc["signing_private_pem"] = sign_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()).decode()
+    try:
+        fd = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        _fail(f"{out_file} exists; refusing to overwrite a device's keys")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(doc, fh)
+    with _registry(ctx) as reg:
+        reg.register_renewal_key(did, kem.public_key())
+        if sign_key is not None:
+            reg.register_signing_key(did, sign_key.public_key())
+    if public_out is not None and sign_key is not None:
+        public_out.write_bytes(sign_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    out.print(f"Registered keys of {did} (renewal {kem.suite.name}, signing {signing}); "
+              f"private keys in {out_file}")
+
+
+@device.command("renew")
+@click.argument("device_id")
+@click.option("--grace", "grace_s", type=click.IntRange(0, 365 * 86400), default=86400,
+              show_default=True, help="Seconds the old epoch stays valid once confirmed.")
+@click.option("--route", help="Downlink route the envelope is sealed for "
+                              "(default: the device's MQTT commands topic).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the sealed downlink envelope here (else: base64 on stdout).")
+@click.option("--resend", is_flag=True, help="Re-deliver the pending offer, make no new one.")
+@click.pass_context
+def device_renew(ctx: click.Context, device_id: str, grace_s: int, route: str | None,
+                 out_file: Path | None, resend: bool) -> None:
+    """E5 renewal: seal a new root secret to the device's KEM key (HPKE), inside a downlink."""
+    import base64
+
+    from sensorseal.mqtt import topics
+
+    did = _device_id(device_id)
+    with _lifecycle(ctx) as life:
+        if not resend:
+            life.renew(did, grace_ms=grace_s * 1000)
+        envelope = life.deliver(did, route or topics.commands(did))
+    if envelope is None:
+        _fail(f"no renewal is pending for {did}", EXIT_NO)
+    if out_file is not None:
+        out_file.write_bytes(envelope)
+        out.print(f"Renewal offer for {did} sealed into {out_file} ({len(envelope)} bytes)")
+    else:
+        click.echo(base64.b64encode(envelope).decode())
+
+
+@main.group()
+def kek() -> None:
+    """The key-encryption key that wraps every stored secret."""
+
+
+@kek.command("rotate")
+@click.pass_context
+def kek_rotate(ctx: click.Context) -> None:
+    """Re-wrap every stored secret under a new KEK, without stopping servers."""
+    from sensorseal.lifecycle import rotate_kek
+    from sensorseal.store import open_store
+
+    datadir: DataDir = ctx.obj["datadir"]
+    if not datadir.is_initialized():
+        _fail(f"{datadir.path} is not a sensorseal data directory")
+    try:
+        store = open_store(datadir.store_url)
+        try:
+            result = rotate_kek(datadir.path, store)
+        finally:
+            store.close()
+    except ConfigError as exc:
+        _fail(str(exc))
+    out.print(f"KEK {result.old_kek_id} -> {result.new_kek_id}: {result.rewrapped} secrets "
+              f"re-wrapped{' (resumed)' if result.resumed else ''}")
+
+
+@main.command("verify-archive")
+@click.option("--device", "device_id", required=True, help="Device id (24 hex).")
+@click.option("--public-key", "key_files", required=True, multiple=True,
+              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="PEM public key of the device (repeat for every key it ever had).")
+@click.option("--since", help="Only readings received since (ISO 8601 UTC, or ms).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per reading.")
+@click.pass_context
+def verify_archive_cmd(ctx: click.Context, device_id: str, key_files: tuple[Path, ...],
+                       since: str | None, as_json: bool) -> None:
+    """Check stored signed readings offline, with public keys only (no KEK needed)."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    from sensorseal.core.attest import PublicKey, verify_archive
+    from sensorseal.store import open_store
+
+    did = _device_id(device_id)
+    since_ms: int | None = None
+    if since is not None:
+        try:
+            since_ms = int(since) if since.isdigit() else int(
+                datetime.fromisoformat(since).replace(tzinfo=UTC).timestamp() * 1000)
+        except ValueError:
+            _fail("--since is ISO 8601 or milliseconds", 2)
+    keys: list[PublicKey] = []
+    for path in key_files:
+        try:
+            key = serialization.load_pem_public_key(path.read_bytes())
+        except ValueError:
+            _fail(f"{path} is not a PEM public key")
+        if not isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
+            _fail(f"{path} is not an Ed25519 or P-256 public key")
+        keys.append(key)
+    datadir: DataDir = ctx.obj["datadir"]
+    if not datadir.is_initialized():
+        _fail(f"{datadir.path} is not a sensorseal data directory")
+    try:
+        store = open_store(datadir.store_url, migrate=False)
+    except ConfigError as exc:
+        _fail(str(exc))
+    try:
+        rows = [r for r in store.telemetry(device_id=did, limit=10_000_000)
+                if r.level == "attested" and (since_ms is None or r.received_ms >= since_ms)]
+    finally:
+        store.close()
+    rows.reverse()  # oldest first
+    results = verify_archive([r.payload for r in rows], {bytes(did): keys})
+    for row, res in zip(rows, results, strict=True):
+        if as_json:
+            click.echo(json.dumps({"epoch": row.epoch, "seq": row.seq,
+                                   "received_ms": row.received_ms, "ok": res.ok,
+                                   "reason": None if res.reason is None else res.reason.value,
+                                   "payload_b64": None if res.payload is None else
+                                   base64.b64encode(res.payload).decode()}))
+    bad = [r for r in results if not r.ok]
+    if not as_json:
+        out.print(f"{len(results)} signed readings of {did}: {len(results) - len(bad)} verified, "
+                  f"{len(bad)} failed")
+    sys.exit(EXIT_NO if bad or not results else 0)
+
+
+def _register_gateway_commands() -> None:
+    from sensorseal.gateway.cli import register
+
+    register(main, device)  # network add, gateway add/export/run, device assign
+
+
+_register_gateway_commands()
+
+
+
+def _register_console_commands() -> None:
+    """`operator`, `policy` and `token` (sensorseal.server.console.commands)."""
+    from sensorseal.server.console.commands import register
+
+    register(main)
+
+
+_register_console_commands()
 
 
 if __name__ == "__main__":  # pragma: no cover

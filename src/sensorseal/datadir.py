@@ -2,7 +2,8 @@
 
     <data dir>/            mode 0700
         kek                32 random bytes, mode 0600 (absent when SENSORSEAL_KEK is set)
-        sensorseal.db      the SQLite store (+ -wal, -shm)
+        sensorseal.db      the SQLite store (+ -wal, -shm); absent when SENSORSEAL_DATABASE_URL
+                           names another store (PostgreSQL)
 
 `init()` creates it once and returns the operator API token, which is shown once and stored only
 as its SHA-256 (a leaked database does not leak the token). `open()` checks that the KEK found now
@@ -31,9 +32,10 @@ from sensorseal.keystore.software import (
 from sensorseal.store import open_store
 from sensorseal.store.base import Store
 
-__all__ = ["DATA_DIR_ENV", "DB_FILE", "DEFAULT_DIR", "DataDir"]
+__all__ = ["DATABASE_URL_ENV", "DATA_DIR_ENV", "DB_FILE", "DEFAULT_DIR", "DataDir"]
 
 DATA_DIR_ENV = "SENSORSEAL_DATA_DIR"
+DATABASE_URL_ENV = "SENSORSEAL_DATABASE_URL"
 DEFAULT_DIR = "sensorseal-data"
 DB_FILE = "sensorseal.db"
 TOKEN_LEN = 32
@@ -67,10 +69,24 @@ class DataDir:
         return self.path / DB_FILE
 
     @property
+    def database_url(self) -> str | None:
+        """`$SENSORSEAL_DATABASE_URL` (e.g. postgresql://...) when set: the store lives there
+        and the directory keeps only the KEK (or nothing, with SENSORSEAL_KEK)."""
+        value = self._env.get(DATABASE_URL_ENV, "").strip()
+        return value or None
+
+    @property
     def store_url(self) -> str:
-        return f"sqlite:///{self.db_path.resolve()}"
+        return self.database_url or f"sqlite:///{self.db_path.resolve()}"
 
     def is_initialized(self) -> bool:
+        if self.database_url is not None:
+            # An external database is initialized once `init` has recorded the KEK id there.
+            store = open_store(self.database_url)
+            try:
+                return store.get_meta(META_KEK_ID) is not None
+            finally:
+                store.close()
         return self.db_path.is_file()
 
     def init(self) -> str:
@@ -103,10 +119,15 @@ class DataDir:
         if not self.is_initialized():
             raise ConfigError(f"{self.path} is not a sensorseal data directory; "
                               "run `sensorseal init` first")
-        keystore = SoftwareKeystore(load_kek(self.path, self._env))
+        # A keyring, not a single KEK: during `sensorseal kek rotate` blobs under the old and
+        # the new KEK coexist, and a running server must open both. (Lazy import: lifecycle
+        # imports the registry.)
+        from sensorseal.lifecycle import open_keyring
+
+        keystore = open_keyring(self.path, self._env)
         store = open_store(self.store_url)
         expected = store.get_meta(META_KEK_ID)
-        if expected is not None and expected != keystore.kek_id:
+        if expected is not None and expected not in keystore.kek_ids:
             store.close()
             raise ConfigError(f"the KEK found (id {keystore.kek_id}) is not the one {self.path} "
                               f"was initialized with (id {expected}); check {KEK_ENV}")

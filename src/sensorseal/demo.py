@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import random
+import secrets
 import socket
 import tempfile
 import threading
@@ -32,8 +33,10 @@ from sensorseal.core.ids import DeviceId, Direction
 from sensorseal.core.keys import derive
 from sensorseal.datadir import DataDir
 from sensorseal.device import Device, HttpSender
+from sensorseal.operators import Role
 from sensorseal.registry import Registry
 from sensorseal.server.app import create_app
+from sensorseal.server.console import Console as WebConsole
 from sensorseal.server.pipeline import Pipeline
 from sensorseal.store.base import Store
 
@@ -131,6 +134,14 @@ def _attacks(registry: Registry, store: Store, sender: HttpSender, devices: list
     return results
 
 
+def _demo_admin(web: WebConsole) -> tuple[str, str]:
+    """A fresh admin for this demo run, with a random password shown once on the console."""
+    name = f"demo-{secrets.token_hex(3)}"
+    password = secrets.token_urlsafe(12)
+    web.operators.add(name, password, Role.ADMIN, actor="demo")
+    return name, password
+
+
 def run_demo(datadir: DataDir | None, *, duration: float, n_devices: int, port: int,
              keep: bool, console: Console, rng_seed: int | None = None) -> bool:
     """Run the demo; True if every attack was refused with its expected reason."""
@@ -153,7 +164,9 @@ def _run(datadir: DataDir, *, duration: float, n_devices: int, port: int, keep: 
     store, keystore = datadir.open()
     registry = Registry(store, keystore)
     pipeline = Pipeline(registry, store)
-    app = create_app(pipeline, registry, store, token_check=datadir.check_token)
+    web = WebConsole(pipeline, registry, store, token_check=datadir.check_token)
+    app = create_app(pipeline, registry, store, token_check=datadir.check_token, console=web)
+    admin_name, admin_password = _demo_admin(web)
     server = _ServerThread(app, port)
     server.start()
     try:
@@ -163,6 +176,9 @@ def _run(datadir: DataDir, *, duration: float, n_devices: int, port: int, keep: 
         console.print(f"operator API  {server.url}/v1/devices  (Authorization: Bearer <token>)")
         if token is not None:
             console.print(f"operator token {token}", markup=False, soft_wrap=True)
+        console.print(f"web console   {server.url}/console/", markup=False)
+        console.print(f"  sign in as  {admin_name} / {admin_password}  (one-time demo admin)",
+                      markup=False, soft_wrap=True)
         creds: list[DeviceCredential] = [
             registry.add_device(f"sensor-{i + 1:02d}", "standard", actor="demo")
             for i in range(n_devices)]

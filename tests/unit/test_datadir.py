@@ -14,6 +14,7 @@ from sensorseal.core.errors import ConfigError
 from sensorseal.datadir import DataDir
 from sensorseal.keystore.software import KEK_ENV
 from sensorseal.registry import Registry
+from sensorseal.store.sqlite import migrations
 
 
 def mode(path: Path) -> int:
@@ -33,7 +34,8 @@ def test_init_creates_everything(tmp_path: Path) -> None:
     try:
         assert store.get_meta("operator_token_sha256") == hashlib.sha256(token.encode()).hexdigest()
         assert store.get_meta("kek_id") == keystore.kek_id
-        assert store.migrate() == 1  # already migrated
+        newest = max(v for v, _, _ in migrations())
+        assert store.migrate() == newest  # already migrated
     finally:
         store.close()
     raw = b"".join(p.read_bytes() for p in data.path.glob("sensorseal.db*"))

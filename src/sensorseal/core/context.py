@@ -28,7 +28,12 @@ class SecurityContext:
     @classmethod
     def from_secret(cls, root_secret: bytes, device_id: DeviceId, epoch: int,
                     direction: Direction, policy: Policy = PRESETS["lax"],
-                    top_seq: int | None = None) -> SecurityContext:
-        """Derive keys and resume the replay window at `top_seq` (None: nothing seen yet)."""
+                    top_seq: int | None = None, *,
+                    store_decides_left: bool = False) -> SecurityContext:
+        """Derive keys and resume the replay window at `top_seq` (None: nothing seen yet).
+
+        `store_decides_left`: the caller records accepted numbers in a store with a unique key
+        (a server worker), which then decides numbers left of the window (see core.replay)."""
         return cls(derive(root_secret, device_id, epoch, direction), policy,
-                   ReplayWindow.resume(top_seq, policy.replay_window))
+                   ReplayWindow.resume(top_seq, policy.replay_window,
+                                       store_decides_left=store_decides_left))

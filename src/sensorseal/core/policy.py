@@ -25,6 +25,9 @@ class Policy:
     max_skew_s: int | None = None  # None: the device timestamp is not checked
     require_timestamp: bool = False
     replay_window: int = DEFAULT_WINDOW
+    # Level "attested": the plaintext must be a COSE_Sign1 by the device's registered signing
+    # key (checked by the server pipeline, which archives the signed bytes).
+    require_attestation: bool = False
 
     def __post_init__(self) -> None:
         if not self.levels:
@@ -58,5 +61,19 @@ PRESETS: dict[str, Policy] = {
         Policy("standard", frozenset({Level.SEALED}), max_skew_s=24 * 3600),
         # Sealed, with a clock that must be right within two minutes.
         Policy("stringent", frozenset({Level.SEALED}), max_skew_s=120, require_timestamp=True),
+        # Sealed, and signed by the device inside the envelope (non-repudiation).
+        Policy("attested", frozenset({Level.SEALED}), max_skew_s=24 * 3600,
+               require_attestation=True),
     )
 }
+
+# Legacy formats (docs/compat.md): HMAC-MD5 Valarm messages, signed Yoctopuce callbacks and
+# AES-ECB Waspmote frames are accepted only under these names (sensorseal.server.compat_ingest
+# holds which format each allows). Native levels stay allowed so that a device can migrate.
+# "legacy-unsigned" also lets password-less Yoctopuce hubs and plain Waspmote frames in.
+for _legacy in (
+    Policy("legacy", frozenset({Level.SIGNED, Level.SEALED}), max_skew_s=3600),
+    Policy("legacy-unsigned", frozenset({Level.SIGNED, Level.SEALED}), max_skew_s=3600),
+):
+    PRESETS.setdefault(_legacy.name, _legacy)
+del _legacy

@@ -13,6 +13,11 @@ files is refused rather than restarted at 1; so is a damaged file. Deleting the 
 directory while keeping the credential *would* restart the counter: the state directory must live
 on storage that survives what the credential survives.
 
+E5 renewal (`accept_renewal`): an HPKE offer that arrived inside an authenticated downlink
+moves the uplink to epoch N+1 at once (its first message is the proof of possession), while the
+epoch-N credential stays loaded for the downlink until a downlink under N+1 arrives: the cloud
+keeps sealing under N, and may re-deliver or supersede the offer, until it has seen N+1.
+
 Adapters (HTTP, MQTT) move the bytes; this module decides nothing about transport.
 """
 
@@ -36,6 +41,7 @@ from sensorseal.core.errors import ConfigError, Rejected, RejectReason
 from sensorseal.core.ids import DeviceId, Direction, Level
 from sensorseal.core.keys import AEAD_ALGS, Alg, derive
 from sensorseal.core.policy import PRESETS, Policy
+from sensorseal.core.renewal import DeviceKemKey, accept_offer
 from sensorseal.core.replay import ReplayWindow
 from sensorseal.device._statefile import fsync_dir, read_state, write_state
 from sensorseal.device.counter import DEFAULT_BLOCK, SequenceCounter
@@ -73,37 +79,58 @@ class Device:
                  clock_ms: Callable[[], int] | None = wall_clock_ms,
                  level: Level = Level.SEALED, alg: Alg = Alg.A256GCM,
                  downlink_policy: Policy = PRESETS["lax"],
-                 block_size: int = DEFAULT_BLOCK) -> None:
+                 block_size: int = DEFAULT_BLOCK,
+                 previous: DeviceCredential | None = None) -> None:
         """`clock_ms=None` sends no timestamp (and checks none on the downlink).
 
         `alg` is the AEAD used at level `sealed`; level `signed` always uses HMAC 256/256.
+        `previous`: after a renewal not yet confirmed by a downlink under the new epoch, the
+        old credential (its downlink is still accepted; see `accept_renewal`).
         """
         if level is Level.SEALED and alg not in AEAD_ALGS:
             raise ConfigError(f"level sealed needs an AEAD algorithm, not {alg!r}")
         if clock_ms is None and downlink_policy.max_skew_s is not None:
             raise ConfigError("a downlink policy that checks time needs a device clock")
+        if previous is not None and (previous.device_id != credential.device_id
+                                     or previous.epoch != credential.epoch - 1):
+            raise ConfigError("the previous credential must be this device's epoch before")
         self.credential = credential
+        self.previous = previous
         self.level = level
         self.alg = alg
         self._clock_ms = clock_ms
+        self._state_dir = Path(state_dir)
+        self._block_size = block_size
+        self._downlink_policy = downlink_policy
+        self._up_lock = threading.Lock()
         self._uplink = derive(credential.secret, credential.device_id, credential.epoch,
                               Direction.UP)
-        self.state_path = self._epoch_dir(Path(state_dir), credential)
+        self.state_path = self._epoch_dir(self._state_dir, credential)
         self._counter = SequenceCounter(self.state_path / _UP_FILE, block_size=block_size)
+        self._down_lock = threading.Lock()
+        # Downlink contexts by epoch, with the directory holding each one's window top.
+        self._down: dict[int, tuple[SecurityContext, Path]] = {}
         try:
-            top = read_state(self.state_path / _DOWN_FILE, _DOWN_KIND)
-            if top is None:
-                raise ConfigError(f"downlink state {self.state_path / _DOWN_FILE} is missing; "
-                                  "refusing to forget which commands were already executed")
-            if top < -1:
-                raise ConfigError(f"downlink state {self.state_path / _DOWN_FILE} is impossible")
+            self._down[credential.epoch] = self._load_downlink(credential, self.state_path)
+            if previous is not None:
+                self._down[previous.epoch] = self._load_downlink(
+                    previous, self._epoch_dir(self._state_dir, previous))
         except BaseException:
             self._counter.close()
             raise
-        self._down_lock = threading.Lock()
-        self._downlink = SecurityContext(
-            derive(credential.secret, credential.device_id, credential.epoch, Direction.DOWN),
-            downlink_policy, _resumed_window(top, downlink_policy.replay_window))
+        self._downlink = self._down[credential.epoch][0]
+
+    def _load_downlink(self, cred: DeviceCredential, path: Path) -> tuple[SecurityContext, Path]:
+        top = read_state(path / _DOWN_FILE, _DOWN_KIND)
+        if top is None:
+            raise ConfigError(f"downlink state {path / _DOWN_FILE} is missing; "
+                              "refusing to forget which commands were already executed")
+        if top < -1:
+            raise ConfigError(f"downlink state {path / _DOWN_FILE} is impossible")
+        policy = self._downlink_policy
+        ctx = SecurityContext(derive(cred.secret, cred.device_id, cred.epoch, Direction.DOWN),
+                              policy, _resumed_window(top, policy.replay_window))
+        return ctx, path
 
     @classmethod
     def from_credential_string(cls, text: str, state_dir: Path | str, **kwargs: Any) -> Device:
@@ -153,12 +180,14 @@ class Device:
         Every call consumes a number, even if the bytes are never sent. To retry a send, resend
         the same bytes; never seal the same payload again expecting the same result.
         """
-        seq = self._counter.next()
+        with self._up_lock:  # a renewal swaps keys and counter together
+            seq = self._counter.next()
+            keys = self._uplink
         ts = self._clock_ms() if self._clock_ms is not None else None
         if self.level is Level.SEALED:
-            return seal(payload, keys=self._uplink, seq=seq, route=route, timestamp_ms=ts,
+            return seal(payload, keys=keys, seq=seq, route=route, timestamp_ms=ts,
                         level=Level.SEALED, alg=self.alg)
-        return seal(payload, keys=self._uplink, seq=seq, route=route, timestamp_ms=ts,
+        return seal(payload, keys=keys, seq=seq, route=route, timestamp_ms=ts,
                     level=Level.SIGNED)
 
     def seal_json(self, obj: object, *, route: str = DEFAULT_ROUTE) -> bytes:
@@ -169,9 +198,10 @@ class Device:
     def _context_for(self, device_id: DeviceId, epoch: int) -> SecurityContext:
         if device_id != self.device_id:
             raise Rejected(RejectReason.UNKNOWN_DEVICE, "downlink for another device")
-        if epoch != self.epoch:
+        found = self._down.get(epoch)
+        if found is None:
             raise Rejected(RejectReason.UNKNOWN_EPOCH, f"downlink for epoch {epoch}")
-        return self._downlink
+        return found[0]
 
     def open_downlink(self, data: bytes, route: str, *,
                       max_size: int = DEFAULT_MAX_SIZE) -> Opened:
@@ -184,11 +214,49 @@ class Device:
             now = self._clock_ms() if self._clock_ms is not None else 0
             opened = unseal(data, route=route, contexts=self._context_for, now_ms=now,
                             max_size=max_size, strike=False)
-            window = self._downlink.window
+            ctx, path = self._down[opened.epoch]
+            window = ctx.window
             if opened.seq > window.top:
-                write_state(self.state_path / _DOWN_FILE, _DOWN_KIND, opened.seq)
+                write_state(path / _DOWN_FILE, _DOWN_KIND, opened.seq)
             window.strike(opened.seq)
+            if opened.epoch == self.epoch and self.previous is not None:
+                # The cloud seals under the new epoch: the renewal is confirmed; the old
+                # secret is no longer needed.
+                self._down.pop(self.previous.epoch, None)
+                self.previous = None
             return opened
+
+    def accept_renewal(self, offer: bytes, kem_key: DeviceKemKey) -> DeviceCredential:
+        """Take an E5 renewal offer and move the uplink to its epoch; return the new credential,
+        which the caller must persist (with `previous`, until confirmed) before sending.
+
+        `offer` must be the payload of a downlink this device opened (`open_downlink`): HPKE
+        base mode does not authenticate the cloud, the downlink envelope does. The same offer
+        delivered again is a no-op; a newer offer for the same epoch (superseding) replaces the
+        pending secret. Raises Rejected (MALFORMED, UNKNOWN_EPOCH, DECRYPT_FAILED).
+        """
+        base = self.previous if self.previous is not None else self.credential
+        new_epoch, secret = accept_offer(offer, kem_key, self.device_id, base.epoch)
+        with self._down_lock:
+            if self.previous is not None and secrets.compare_digest(secret,
+                                                                    self.credential.secret):
+                return self.credential  # re-delivered: already switched
+            new = DeviceCredential(self.device_id, new_epoch, secret)
+            path = self._epoch_dir(self._state_dir, new)
+            down = self._load_downlink(new, path)
+            counter = (self._counter if path == self.state_path else
+                       SequenceCounter(path / _UP_FILE, block_size=self._block_size))
+            with self._up_lock:
+                old_counter, self._counter = self._counter, counter
+                self._uplink = derive(secret, self.device_id, new_epoch, Direction.UP)
+            if old_counter is not counter:
+                old_counter.close()
+            self._down[new_epoch] = down
+            self._downlink = down[0]
+            self.previous = base
+            self.credential = new
+            self.state_path = path
+            return new
 
     def close(self) -> None:
         """Release the counter (returning its unused reservation). Idempotent."""

@@ -23,20 +23,25 @@ import base64
 import logging
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cbor2
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from sensorseal.core.errors import ConfigError, Rejected, RejectReason
 from sensorseal.core.ids import DeviceId
+from sensorseal.server.compat_routes import compat_routes
 from sensorseal.server.pipeline import IngestUnavailable, Pipeline, RegistryView
 from sensorseal.store.base import AuditEvent, DeviceRecord, Store, TelemetryRow
+
+if TYPE_CHECKING:
+    from sensorseal.server.console import Console
 
 __all__ = ["MESSAGES_ROUTE", "create_app"]
 
@@ -201,12 +206,34 @@ def _device_param(raw: str) -> DeviceId:
 
 def create_app(pipeline: Pipeline, registry: RegistryView, store: Store, *,
                token_check: Callable[[str], bool], max_body: int = 1_048_576,
-               max_batch: int = 10_000) -> Starlette:
+               max_batch: int = 10_000, console: bool | Console = False) -> Starlette:
     """Build the Starlette app. `token_check` compares an operator token in constant time.
 
     `registry` is accepted for the routes that will change devices; reads go to `store`.
+    `console=True` (or a prepared `Console`) adds the web console, its JSON API, stored
+    policies enforced at ingest, /metrics, /openapi.json and /docs (sensorseal.server.console).
     """
+    extra: list[BaseRoute] = []
+    middleware: list[Middleware] = []
+    if console is not False:
+        from sensorseal.server.console import Console
+        from sensorseal.server.metrics import LatencyMiddleware
+
+        if console is True:
+            console = Console(pipeline, registry, store, token_check=token_check)
+        token_check = console.token_check(token_check)
+        extra = console.routes()
+        middleware = [Middleware(LatencyMiddleware, metrics=console.metrics)]
+    compat_registry = registry  # for the legacy routes (sensorseal.server.compat_routes)
+    # Gateways (sensorseal.gateway): POST /v1/gateway/batch, and the layers a device's network
+    # requires enforced on the direct routes too (None: no gateway tables in this store).
+    from sensorseal.gateway.routes import gateway_ingest_for, gateway_routes, is_tls
+
+    gateways = gateway_ingest_for(pipeline, registry, store)
     del registry  # reads need only the store today
+
+    def direct(request: Request) -> dict[str, Any]:
+        return {} if gateways is None else {"opener": gateways.direct_opener(is_tls(request))}
 
     async def refuse(request: Request, exc: _Refused) -> Response:
         await run_in_threadpool(pipeline.reject, exc.reason, transport=TRANSPORT,
@@ -225,7 +252,8 @@ def create_app(pipeline: Pipeline, registry: RegistryView, store: Store, *,
             return await refuse(request, exc)
         try:
             [result] = await run_in_threadpool(pipeline.ingest, [(body, MESSAGES_ROUTE)],
-                                               transport=TRANSPORT, source=_source(request))
+                                               transport=TRANSPORT, source=_source(request),
+                                               **direct(request))
         except IngestUnavailable:
             return _generic(503)
         if result.ok:
@@ -246,7 +274,7 @@ def create_app(pipeline: Pipeline, registry: RegistryView, store: Store, *,
         items = [(data, MESSAGES_ROUTE) for data in envelopes]
         try:
             results = await run_in_threadpool(pipeline.ingest, items, transport=TRANSPORT,
-                                              source=_source(request))
+                                              source=_source(request), **direct(request))
         except IngestUnavailable:
             return _generic(503)
         codes = [0 if r.ok else 1 for r in results]
@@ -337,7 +365,7 @@ def create_app(pipeline: Pipeline, registry: RegistryView, store: Store, *,
                   exc_info=(type(exc), exc, exc.__traceback__))
         return JSONResponse({"error": "internal error"}, status_code=500)
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route(MESSAGES_ROUTE, post_message, methods=["POST"]),
         Route(MESSAGES_ROUTE + ":batch", post_batch, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
@@ -345,6 +373,10 @@ def create_app(pipeline: Pipeline, registry: RegistryView, store: Store, *,
         Route("/v1/devices/{device_id}", operator(get_device), methods=["GET"]),
         Route("/v1/telemetry", operator(telemetry), methods=["GET"]),
         Route("/v1/events", operator(events), methods=["GET"]),
+        *extra,
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error,
-                                                        Exception: server_error})
+    routes += compat_routes(compat_registry, store, operator=operator)
+    if gateways is not None:
+        routes += gateway_routes(gateways, pipeline)
+    return Starlette(routes=routes, middleware=middleware,
+                     exception_handlers={HTTPException: http_error, Exception: server_error})

@@ -23,6 +23,7 @@ every process; `invalidate()` makes it immediate in this one.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 import time
@@ -31,18 +32,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+from sensorseal.core.attest import PublicKey, parse_sign1, verify_sign1
 from sensorseal.core.context import SecurityContext
 from sensorseal.core.envelope import DEFAULT_MAX_SIZE, Opened, unseal
 from sensorseal.core.errors import Rejected, RejectReason
 from sensorseal.core.ids import DeviceId, Direction
-from sensorseal.core.policy import PRESETS
+from sensorseal.core.policy import PRESETS, Policy
 from sensorseal.store.base import AuditEvent, DeviceRecord, DeviceStatus, Store, TelemetryRow
 
-__all__ = ["IngestResult", "IngestUnavailable", "Pipeline", "PipelineStats", "RegistryView"]
+__all__ = ["IngestResult", "IngestUnavailable", "Opener", "Pipeline", "PipelineStats",
+           "RegistryView"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STATUS_TTL_MS = 1_000
+ATTESTED = "attested"  # telemetry level of a verified COSE_Sign1 payload (stored as signed)
 DEFAULT_CACHE_SIZE = 100_000
 
 
@@ -94,10 +98,32 @@ class _DeviceEntry:
     record: DeviceRecord
     checked_ms: int
     contexts: dict[int, SecurityContext] = field(default_factory=dict)
+    # Epochs other than the current one: grace expiry (ms) of an older epoch, or None for the
+    # pending epoch of an E5 renewal. Re-read with the record (every status TTL).
+    expires: dict[int, int | None] = field(default_factory=dict)
+    signing_keys: list[PublicKey] | None = None  # level "attested"; loaded on first use
 
 
 def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+class Opener(Protocol):
+    """What `ingest` calls to open one item: `sensorseal.core.envelope.unseal` by default."""
+
+    def __call__(self, data: bytes, *, route: str,
+                 contexts: Callable[[DeviceId, int], SecurityContext], now_ms: int,
+                 max_size: int = ..., strike: bool = ...) -> Opened: ...
+
+
+def preset_policy(record: DeviceRecord) -> Policy:
+    """The default policy hook: the built-in preset the device names, or a refusal."""
+    policy = PRESETS.get(record.policy)
+    if policy is None:
+        # A registry entry naming a policy this server does not know: refuse rather than
+        # guess a weaker one.
+        raise Rejected(RejectReason.POLICY_VIOLATION, "device policy unknown to the server")
+    return policy
 
 
 class Pipeline:
@@ -107,8 +133,12 @@ class Pipeline:
                  clock_ms: Callable[[], int] = _wall_clock_ms,
                  max_size: int = DEFAULT_MAX_SIZE,
                  status_ttl_ms: int = DEFAULT_STATUS_TTL_MS,
-                 cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+                 cache_size: int = DEFAULT_CACHE_SIZE,
+                 policy_resolver: Callable[[DeviceRecord], Policy] | None = None) -> None:
         self._registry = registry
+        # Which policy a device's messages must satisfy (stored policies: sensorseal.policies).
+        # It may raise Rejected (an unknown or contradictory policy refuses the device).
+        self._resolve_policy = preset_policy if policy_resolver is None else policy_resolver
         self._store = store
         self._clock_ms = clock_ms
         self.max_size = max_size
@@ -118,11 +148,21 @@ class Pipeline:
         self._lock = threading.Lock()
         self.stats = PipelineStats()
 
+    def set_policy_resolver(self, resolver: Callable[[DeviceRecord], Policy]) -> None:
+        """Install the policy hook (e.g. the console's stored policies); forgets the cache."""
+        self._resolve_policy = resolver
+        self.invalidate()
+
     def now_ms(self) -> int:
         """The pipeline's clock, for adapters that stamp their own audit events."""
         return self._clock_ms()
 
     # -- security contexts -------------------------------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        """The store this pipeline records into (adapters audit their own refusals there)."""
+        return self._store
 
     def invalidate(self, device_id: DeviceId | None = None) -> None:
         """Forget the cached state of one device (or all): the next message re-reads it."""
@@ -142,6 +182,12 @@ class Pipeline:
             with self._lock:
                 self._devices.pop(device_id, None)
             raise Rejected(RejectReason.UNKNOWN_DEVICE, "no such device")
+        # Re-resolved on every refresh (outside the lock: a custom hook may read the store), so
+        # that a policy attached to a group or the network reaches cached contexts too.
+        try:
+            resolved: Policy | None = self._resolve_policy(record)
+        except Rejected:
+            resolved = None
         with self._lock:
             current = self._devices.get(device_id)
             if current is None:
@@ -154,13 +200,17 @@ class Pipeline:
             else:
                 if record.epoch != current.record.epoch:
                     current.contexts.clear()  # an epoch changed: re-check which secrets exist
-                elif record.policy != current.record.policy:
-                    policy = PRESETS.get(record.policy)
-                    if policy is not None:
-                        for ctx in current.contexts.values():
-                            ctx.policy = policy
-                    else:
-                        current.contexts.clear()
+                elif resolved is not None:
+                    for ctx in current.contexts.values():
+                        ctx.policy = resolved
+                else:
+                    current.contexts.clear()
+                # Other epochs (grace, pending renewal) are re-checked at every refresh: a
+                # grace may have been cut, a pending secret superseded by another process.
+                for other in [e for e in current.contexts if e != record.epoch]:
+                    del current.contexts[other]
+                current.expires.clear()
+                current.signing_keys = None
                 current.record = record
                 current.checked_ms = now_ms
             return current
@@ -174,30 +224,102 @@ class Pipeline:
             if record.status is DeviceStatus.REVOKED:
                 raise Rejected(RejectReason.REVOKED, "device revoked")
             raise Rejected(RejectReason.SUSPENDED, "device suspended")
+        now = self._clock_ms() if now_ms is None else now_ms
         ctx = entry.contexts.get(epoch)
         if ctx is not None:
-            return ctx
-        policy = PRESETS.get(record.policy)
-        if policy is None:
-            # A registry entry naming a policy this server does not know: refuse rather than
-            # guess a weaker one.
-            raise Rejected(RejectReason.POLICY_VIOLATION, "device policy unknown to the server")
-        secret = self._registry.root_secret(device_id, epoch)
+            if epoch == record.epoch:
+                return ctx
+            if epoch in entry.expires:  # else a refresh raced the build: check again below
+                self._check_epoch(epoch, entry.expires[epoch], now)
+                return ctx
+        policy = self._resolve_policy(record)
+        if epoch == record.epoch:
+            secret = self._registry.root_secret(device_id, epoch)
+        else:
+            secret = self._other_epoch(entry, device_id, epoch, now)
         if secret is None:
             raise Rejected(RejectReason.UNKNOWN_EPOCH, f"no key for epoch {epoch}")
         top = self._store.max_seq(device_id, epoch)
-        ctx = SecurityContext.from_secret(secret, device_id, epoch, Direction.UP, policy, top)
+        ctx = SecurityContext.from_secret(secret, device_id, epoch, Direction.UP, policy, top,
+                                          store_decides_left=True)
         with self._lock:
             # Another thread may have built the same context meanwhile: keep the first one, so
             # that strikes all land in one window.
             ctx = entry.contexts.setdefault(epoch, ctx)
         return ctx
 
+    @staticmethod
+    def _check_epoch(epoch: int, expires_ms: int | None, now_ms: int) -> None:
+        """An older epoch is accepted until its grace expiry (None marks the pending one)."""
+        if expires_ms is not None and now_ms >= expires_ms:
+            raise Rejected(RejectReason.UNKNOWN_EPOCH, f"grace of epoch {epoch} is over")
+
+    def _other_epoch(self, entry: _DeviceEntry, device_id: DeviceId, epoch: int,
+                     now_ms: int) -> bytes | None:
+        """The secret of a non-current epoch if the epoch rules accept it (docs/keys.md):
+        an older epoch inside its grace period, or current + 1 while a renewal is pending.
+        Registries without epoch support (`epoch_secret`) accept the current epoch only."""
+        lookup = getattr(self._registry, "epoch_secret", None)
+        current = entry.record.epoch
+        if lookup is None or not (epoch < current or epoch == current + 1):
+            return None
+        found = lookup(device_id, epoch)
+        if found is None:
+            return None
+        secret, info = found
+        if epoch < current:
+            if info.expires_ms is None:
+                raise Rejected(RejectReason.UNKNOWN_EPOCH, f"epoch {epoch} is retired")
+            self._check_epoch(epoch, info.expires_ms, now_ms)
+        with self._lock:
+            entry.expires[epoch] = info.expires_ms if epoch < current else None
+        return bytes(secret)
+
+    def _attest(self, msg: Opened) -> None:
+        """Level "attested": the plaintext must be a COSE_Sign1 by one of the device's
+        registered signing keys, naming the device as its kid. The Sign1 bytes are then stored
+        as they are: the archive a third party checks later (`sensorseal verify-archive`)."""
+        entry = self._devices.get(msg.device_id)
+        keys = None if entry is None else entry.signing_keys
+        if keys is None:
+            lookup = getattr(self._registry, "signing_keys", None)
+            keys = [] if lookup is None else list(lookup(msg.device_id))
+            if entry is not None:
+                entry.signing_keys = keys
+        if not keys:
+            raise Rejected(RejectReason.POLICY_VIOLATION, "attestation required, no signing key")
+        kid = parse_sign1(msg.payload).kid
+        if kid is None or not hmac.compare_digest(kid, bytes(msg.device_id)):
+            raise Rejected(RejectReason.BAD_SIGNATURE, "signed for another device")
+        for key in keys:
+            try:
+                verify_sign1(msg.payload, key)
+            except Rejected:
+                continue
+            return
+        raise Rejected(RejectReason.BAD_SIGNATURE, "no registered key verifies the signature")
+
+    def _confirm(self, device_id: DeviceId, epoch: int) -> None:
+        """The first stored message under a pending epoch proves possession: switch."""
+        confirm = getattr(self._registry, "confirm_epoch", None)
+        if confirm is None:
+            return
+        try:
+            confirm(device_id, epoch)
+        except Exception:
+            # The message is stored; the next one under the new epoch tries again.
+            log.exception("could not confirm epoch %d of device %s", epoch, device_id)
+        self.invalidate(device_id)
+
     # -- ingest ------------------------------------------------------------------------------
 
     def ingest(self, items: Sequence[tuple[bytes, str]], *, transport: str,
-               source: str) -> list[IngestResult]:
+               source: str, opener: Opener | None = None) -> list[IngestResult]:
         """Open, store and audit a batch of (envelope, route) items; one result per item.
+
+        `opener` replaces `unseal` (same signature) for adapters that must check more, or that
+        open another item format: the gateway route (sensorseal.gateway.cloud) checks the
+        layers a device's network requires and opens items a gateway vouched for.
 
         Raises IngestUnavailable (and strikes nothing) if the store write fails. The device
         status is read once per device and batch (and at most `status_ttl_ms` old).
@@ -224,11 +346,12 @@ class Pipeline:
         rejected: list[RejectReason] = []
         internal = 0
         max_size = self.max_size
+        open_: Opener = unseal if opener is None else opener
         for data, route in items:
             last[0] = None
             try:
-                msg = unseal(data, route=route, contexts=contexts, now_ms=now,
-                             max_size=max_size, strike=False)
+                msg = open_(data, route=route, contexts=contexts, now_ms=now,
+                            max_size=max_size, strike=False)
             except Rejected as exc:
                 hex_id = None if last[0] is None else last[0].hex()
                 results.append(IngestResult(False, exc.reason, hex_id, None))
@@ -248,10 +371,22 @@ class Pipeline:
                 rejected.append(RejectReason.MALFORMED)
                 internal += 1
                 continue
+            level = msg.level._value_
+            if last[1].policy.require_attestation:
+                try:
+                    self._attest(msg)
+                except Rejected as exc:
+                    hex_id = msg.device_id.hex()
+                    results.append(IngestResult(False, exc.reason, hex_id, msg.seq))
+                    events.append(AuditEvent(now, exc.reason.value, transport, source, hex_id,
+                                             exc.detail))
+                    rejected.append(exc.reason)
+                    continue
+                level = ATTESTED
             opened.append((len(results), msg, last[1]))
             results.append(_PENDING)
             rows.append(TelemetryRow(msg.device_id, msg.epoch, msg.seq, now, msg.timestamp_ms,
-                                     msg.level._value_, route, transport, msg.payload))
+                                     level, route, transport, msg.payload))
 
         stored = self._record(rows, events)
 
@@ -275,6 +410,7 @@ class Pipeline:
                 # audit lines is logged loudly rather than failing the whole batch.
                 log.exception("could not record %d replay audit events", len(replays))
 
+        pending: set[tuple[DeviceId, int]] = set()
         with self._lock:
             # A context evicted or invalidated meanwhile is struck anyway: harmless, and its
             # successor was resumed from the store, which already holds these rows.
@@ -283,6 +419,12 @@ class Pipeline:
             self.stats.accepted += len(struck)
             self.stats.rejected.update(rejected)
             self.stats.internal_errors += internal
+            for (_index, msg, _ctx), ok in zip(opened, stored, strict=True):
+                entry = self._devices.get(msg.device_id) if ok else None
+                if entry is not None and msg.epoch == entry.record.epoch + 1:
+                    pending.add((msg.device_id, msg.epoch))
+        for device_id, epoch in pending:
+            self._confirm(device_id, epoch)
         return results
 
     def reject(self, reason: RejectReason, *, transport: str, source: str,

@@ -72,10 +72,13 @@ def _sigterm_is_a_clean_stop() -> Iterator[None]:
 
 def serve(data_dir: Path, host: str = "127.0.0.1", port: int = 8080,
           certfile: Path | None = None, keyfile: Path | None = None,
-          ready: Callable[[str], None] | None = None) -> None:
+          ready: Callable[[str], None] | None = None,
+          sock: socket.socket | None = None) -> None:
     """Serve the HTTP API from `data_dir` until SIGINT/SIGTERM. Blocks.
 
     `ready(url)` is called (and the URL printed) once the server accepts connections.
+    `sock`: an already listening socket to serve on instead of binding host:port (a worker
+    process of sensorseal.server.workers inherits the one its supervisor bound).
     """
     if (certfile is None) != (keyfile is None):
         raise ConfigError("HTTPS needs both a certificate file and a key file")
@@ -84,7 +87,8 @@ def serve(data_dir: Path, host: str = "127.0.0.1", port: int = 8080,
     try:
         registry = Registry(store, keystore)
         pipeline = Pipeline(registry, store)
-        app = create_app(pipeline, registry, store, token_check=datadir.check_token)
+        app = create_app(pipeline, registry, store, token_check=datadir.check_token,
+                         console=True)
         config = uvicorn.Config(
             app, lifespan="off", access_log=False, log_level="info", server_header=False,
             ssl_certfile=None if certfile is None else str(certfile),
@@ -93,7 +97,7 @@ def serve(data_dir: Path, host: str = "127.0.0.1", port: int = 8080,
         config.load()
         if config.ssl is not None:
             config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
-        sock = _bind(host, port)
+        sock = _bind(host, port) if sock is None else sock
         url = _url("https" if config.ssl is not None else "http", sock)
         server = uvicorn.Server(config)
         with _sigterm_is_a_clean_stop():

@@ -37,7 +37,7 @@ def open_store(url: str, *, migrate: bool = True) -> Store:
     """Open (and by default migrate) the store at `url`.
 
     Accepted: ``sqlite:///abs/path.db``, a plain file path, and ``sqlite://:memory:`` (also
-    ``:memory:``) for tests. ``postgresql://`` is recognised but not available yet.
+    ``:memory:``) for tests; ``postgresql://user@host:port/db`` (libpq URL) for PostgreSQL.
     """
     url = url.strip()
     if not url:
@@ -52,12 +52,28 @@ def open_store(url: str, *, migrate: bool = True) -> Store:
             raise ConfigError("sqlite URL needs an absolute path: sqlite:///abs/path.db")
         target = rest
     elif scheme in ("postgresql", "postgres"):
-        raise ConfigError("PostgreSQL store not available yet")
+        return _open_postgres(url, migrate=migrate)
     else:
         raise ConfigError(f"unknown store URL scheme {scheme!r} (sqlite:///path.db expected)")
     if target != MEMORY and not Path(target).parent.is_dir():
         raise ConfigError(f"store directory does not exist: {Path(target).parent}")
     store = SQLiteStore(target)
+    if migrate:
+        try:
+            store.migrate()
+        except BaseException:
+            store.close()
+            raise
+    return store
+
+
+def _open_postgres(url: str, *, migrate: bool) -> Store:
+    """PostgreSQL, imported only when named (psycopg is needed only by deployments using it)."""
+    try:
+        from sensorseal.store.postgres import PostgresStore
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise ConfigError(f"PostgreSQL needs psycopg 3 and psycopg_pool ({exc})") from None
+    store = PostgresStore(url)
     if migrate:
         try:
             store.migrate()

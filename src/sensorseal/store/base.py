@@ -12,17 +12,30 @@ restarts share: `record()` reports a duplicate instead of storing it twice.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import NamedTuple, Protocol
 
 from sensorseal.core.ids import DeviceId
 
 __all__ = [
+    "ApiTokenRow",
+    "Assignment",
     "AuditEvent",
+    "CompatStore",
+    "ConsoleStore",
     "DeviceExists",
     "DeviceRecord",
     "DeviceStatus",
+    "EpochInfo",
+    "GatewayRecord",
+    "GatewayStore",
+    "KeyLifecycleStore",
+    "LegacyCredential",
+    "NetworkRecord",
+    "OperatorRow",
+    "PublicKeyRow",
+    "SessionRow",
     "Store",
     "TelemetryRow",
 ]
@@ -135,3 +148,322 @@ class Store(Protocol):
     def get_meta(self, key: str) -> str | None: ...
 
     def set_meta(self, key: str, value: str) -> None: ...
+
+
+# -- console: operators, sessions, API tokens, policies, groups (migration 0003) -----------------
+# A separate protocol so that a back end without a console still satisfies `Store`.
+
+
+class OperatorRow(NamedTuple):
+    """An operator account. `groups` is a JSON array of group names, None for every group."""
+
+    name: str
+    password_hash: str  # argon2id, never the password
+    role: str  # viewer | operator | admin
+    groups: str | None
+    disabled: bool
+    created_ms: int
+
+
+class SessionRow(NamedTuple):
+    """A console session; the id itself is never stored, only its SHA-256."""
+
+    id_sha256: str
+    operator: str
+    csrf: str
+    created_ms: int
+    expires_ms: int
+
+
+class ApiTokenRow(NamedTuple):
+    """A machine token; `sha256` is the hash of the whole token string."""
+
+    token_id: str
+    name: str
+    sha256: str
+    role: str
+    groups: str | None
+    created_ms: int
+    created_by: str
+    revoked_ms: int | None
+
+
+class ConsoleStore(Protocol):
+    """What the console, the policy service and operator accounts need from a back end."""
+
+    # groups and per-device policy
+    def set_device_group(self, device_id: DeviceId, group: str | None) -> bool: ...
+
+    def device_groups(self) -> dict[str, str]:
+        """24-hex device id -> group, for every device that has a group."""
+        ...
+
+    def set_device_policy(self, device_id: DeviceId, policy: str) -> bool: ...
+
+    # policies
+    def list_policies(self) -> dict[str, str]:
+        """name -> JSON spec of every operator-defined policy."""
+        ...
+
+    def put_policy(self, name: str, spec: str, now_ms: int) -> None: ...
+
+    def delete_policy(self, name: str) -> bool: ...
+
+    def policy_attachments(self) -> dict[tuple[str, str], str]:
+        """(kind 'network'|'group', target) -> policy name."""
+        ...
+
+    def attach_policy(self, kind: str, target: str, policy: str | None) -> None:
+        """Attach (or with None detach) a policy to the network (target '') or a group."""
+        ...
+
+    # operators
+    def add_operator(self, row: OperatorRow) -> bool:
+        """False if the name is taken."""
+        ...
+
+    def get_operator(self, name: str) -> OperatorRow | None: ...
+
+    def list_operators(self) -> list[OperatorRow]: ...
+
+    def update_operator(self, name: str, *, password_hash: str | None = None,
+                        disabled: bool | None = None) -> bool: ...
+
+    # sessions
+    def add_session(self, row: SessionRow) -> None: ...
+
+    def get_session(self, id_sha256: str) -> SessionRow | None: ...
+
+    def delete_session(self, id_sha256: str) -> None: ...
+
+    def delete_sessions_of(self, operator: str) -> int: ...
+
+    def purge_sessions(self, now_ms: int) -> int: ...
+
+    # API tokens
+    def add_token(self, row: ApiTokenRow) -> None: ...
+
+    def get_token(self, token_id: str) -> ApiTokenRow | None: ...
+
+    def list_tokens(self) -> list[ApiTokenRow]: ...
+
+    def revoke_token(self, token_id: str, now_ms: int) -> bool: ...
+
+    # scoped reads
+    def events_for_devices(self, device_ids: Sequence[str], *, reason: str | None = None,
+                           since_ms: int | None = None, limit: int = 100) -> list[AuditEvent]:
+        """Like `events`, restricted to events that claim one of `device_ids` (24 hex)."""
+        ...
+
+
+# -- key lifecycle: epochs, E5 renewal, device public keys (migration 0002) -----------------------
+# A separate protocol (like ConsoleStore) so that a back end without it still satisfies `Store`.
+
+
+class EpochInfo(NamedTuple):
+    """One key epoch of a device, without its secret. `expires_ms`: an epoch older than the
+    current one is accepted until then (grace); None on an older epoch: no longer accepted."""
+
+    epoch: int
+    created_ms: int
+    expires_ms: int | None
+
+
+class PublicKeyRow(NamedTuple):
+    """A device public key: purpose 'renewal' (alg = RenewalSuite) or 'signing' (COSE alg)."""
+
+    purpose: str
+    alg: int
+    public: bytes
+    added_ms: int
+
+
+class KeyLifecycleStore(Protocol):
+    """What sensorseal.lifecycle and the pipeline's epoch rules need (sensorseal.registry)."""
+
+    def add_epoch(self, device_id: DeviceId, epoch: int, wrapped: bytes, created_ms: int, *,
+                  renewal_state: bytes | None = None, grace_ms: int = 0) -> None:
+        """Insert, or replace, the wrapped secret of an epoch ABOVE the device's current one
+        (a rotation about to switch, or a pending renewal). With `renewal_state`, also upsert
+        the device's renewal row (state, grace_ms) in the same transaction. ConfigError for an
+        unknown or revoked device or an epoch not above the current one."""
+        ...
+
+    def switch_epoch(self, device_id: DeviceId, from_epoch: int, to_epoch: int,
+                     old_expires_ms: int | None, *, renewal_state: bytes | None = None) -> bool:
+        """Atomically: if the device is not revoked, its current epoch is `from_epoch` and
+        `to_epoch` has a secret, make `to_epoch` current, set `from_epoch`'s expires_ms to
+        `old_expires_ms` (an expiry already set earlier is never extended) and, if given,
+        replace the renewal state. False (nothing changed) otherwise: the compare-and-swap
+        that lets several workers confirm the same renewal."""
+        ...
+
+    def epoch_info(self, device_id: DeviceId, epoch: int) -> EpochInfo | None: ...
+
+    def list_epochs(self, device_id: DeviceId) -> list[EpochInfo]:
+        """Oldest first."""
+        ...
+
+    def get_renewal(self, device_id: DeviceId) -> tuple[bytes, int] | None:
+        """(RenewalState CBOR, grace_ms) or None."""
+        ...
+
+    def put_renewal(self, device_id: DeviceId, state: bytes, grace_ms: int,
+                    now_ms: int) -> None: ...
+
+    def add_public_key(self, device_id: DeviceId, purpose: str, alg: int, public: bytes,
+                       added_ms: int) -> bool:
+        """False if this device already has this key for this purpose."""
+        ...
+
+    def public_keys(self, device_id: DeviceId, purpose: str) -> list[PublicKeyRow]:
+        """Newest first."""
+        ...
+
+    def wrapped_secrets(self, *, after: tuple[DeviceId, int] | None = None,
+                        limit: int = 500) -> list[tuple[DeviceId, int, bytes]]:
+        """(device, epoch, wrapped) ordered by (device, epoch), strictly after `after`: keyset
+        paging over every stored secret, for KEK rotation."""
+        ...
+
+    def replace_secret(self, device_id: DeviceId, epoch: int, old: bytes, new: bytes) -> bool:
+        """Compare-and-swap one wrapped secret (False if it is no longer `old`)."""
+        ...
+
+
+# -- compat: legacy devices (Valarm, Yoctopuce, Waspmote; migration 0005) -------------------------
+# A separate protocol (like ConsoleStore) so that a back end without it still satisfies `Store`.
+
+
+@dataclass(frozen=True, slots=True)
+class LegacyCredential:
+    """A legacy device's credential row. `wrapped` is under the KEK (None: a Yoctopuce hub with
+    no password); `state` is active | migrating | migrated (legacy key disabled)."""
+
+    device_id: DeviceId
+    kind: str  # valarm | yoctopuce | waspmote
+    external_id: str  # how the format names the device: 24-hex id, hub serial, node serial
+    wrapped: bytes | None = field(repr=False)
+    options: str  # JSON, not secret (e.g. {"aes_bits": 128})
+    state: str
+    target_policy: str | None
+    created_ms: int
+
+
+class CompatStore(Protocol):
+    """What sensorseal.server.compat_ingest and the registry's legacy calls need."""
+
+    def add_legacy_device(self, record: DeviceRecord, credential: LegacyCredential) -> None:
+        """Insert the device row (no native secret) and its credential in one transaction.
+        DeviceExists if the id or (kind, external_id) is taken."""
+        ...
+
+    def get_legacy(self, kind: str, external_id: str) -> LegacyCredential | None: ...
+
+    def get_legacy_of(self, device_id: DeviceId) -> LegacyCredential | None: ...
+
+    def legacy_in_state(self, state: str, *, limit: int = 1000) -> list[LegacyCredential]: ...
+
+    def start_legacy_migration(self, device_id: DeviceId, epoch: int, wrapped_secret: bytes,
+                               target_policy: str, now_ms: int) -> bool:
+        """Atomically, if the credential is 'active' and the device not revoked: store the
+        native secret of `epoch`, make `epoch` the device's current one, set the credential to
+        'migrating' with `target_policy`. False (nothing changed) otherwise."""
+        ...
+
+    def finish_legacy_migration(self, device_id: DeviceId, event: AuditEvent) -> bool:
+        """Atomically, if the credential is 'migrating': switch the device to its target
+        policy, mark the credential 'migrated' (legacy key disabled), add `event`."""
+        ...
+
+    def claim_digest(self, device_id: DeviceId, digest: bytes, now_ms: int,
+                     expires_ms: int) -> bool:
+        """Remember `digest` until `expires_ms`; False if it is already remembered (a replay).
+        Expired digests are forgotten first."""
+        ...
+
+    def release_digest(self, device_id: DeviceId, digest: bytes) -> None:
+        """Forget a claim whose message could not be stored (so the sender may retry)."""
+        ...
+
+    def hub_uptime(self, device_id: DeviceId) -> tuple[int, int] | None:
+        """(last accepted module.upTime, when it was accepted) of a Yoctopuce hub."""
+        ...
+
+    def set_hub_uptime(self, device_id: DeviceId, uptime_ms: int, seen_ms: int) -> None: ...
+
+    def queue_command(self, device_id: DeviceId, command: str, now_ms: int) -> int:
+        """Queue a command for the device's next accepted callback; returns its id."""
+        ...
+
+    def take_commands(self, device_id: DeviceId, now_ms: int, limit: int) -> list[str]:
+        """The oldest pending commands (at most `limit`), marked delivered in one transaction."""
+        ...
+
+
+# -- networks and gateways (migration 0004; see sensorseal.gateway) -------------------------------
+# A separate protocol (like ConsoleStore) so that a back end without gateways still is a `Store`.
+
+
+class NetworkRecord(NamedTuple):
+    """A sensor network: E1 link algorithm and the layers its devices must use (e.g. e1+e3+e4)."""
+
+    network_id: bytes  # 12 bytes
+    name: str
+    alg: int  # COSE id: 1 A128GCM, 10 AES-CCM-16-64-128, 30 AES-CCM-16-128-128
+    required_layers: str  # canonical text of sensorseal.core.layers.format_layers
+    created_ms: int
+
+
+class GatewayRecord(NamedTuple):
+    """A gateway: its own identity and key epoch (it seals upstream batches like a device)."""
+
+    gateway_id: DeviceId
+    name: str
+    status: DeviceStatus
+    epoch: int
+    created_ms: int
+
+
+class Assignment(NamedTuple):
+    """Which network a device belongs to and how it protects frames behind a gateway."""
+
+    device_id: DeviceId
+    network_id: bytes
+    mode: str  # e3 | e2 | e2+e3
+    assigned_ms: int
+
+
+class GatewayStore(Protocol):
+    """Networks (E1 keys wrapped under the KEK), gateways (secrets wrapped), assignments."""
+
+    def add_network(self, record: NetworkRecord, wrapped_key: bytes) -> None: ...
+
+    def get_network(self, network_id: bytes) -> NetworkRecord | None: ...
+
+    def list_networks(self) -> list[NetworkRecord]: ...
+
+    def network_key(self, network_id: bytes) -> bytes | None:
+        """The wrapped network key, or None."""
+        ...
+
+    def add_gateway(self, record: GatewayRecord, wrapped_secret: bytes,
+                    networks: Sequence[bytes]) -> None:
+        """Insert the gateway and the networks it serves in one transaction."""
+        ...
+
+    def get_gateway(self, gateway_id: DeviceId) -> GatewayRecord | None: ...
+
+    def gateway_secret(self, gateway_id: DeviceId, epoch: int) -> bytes | None:
+        """The wrapped secret of the gateway's epoch, or None."""
+        ...
+
+    def gateway_networks(self, gateway_id: DeviceId) -> list[bytes]: ...
+
+    def assign_device(self, assignment: Assignment) -> None:
+        """Put a device in a network (replacing an earlier assignment)."""
+        ...
+
+    def device_assignment(self, device_id: DeviceId) -> Assignment | None: ...
+
+    def network_assignments(self, network_id: bytes) -> list[Assignment]: ...

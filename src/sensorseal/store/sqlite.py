@@ -20,6 +20,7 @@ same run, record() reaches the speed of a bare sqlite3 `executemany` of the same
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -32,7 +33,22 @@ from typing import Any
 
 from sensorseal.core.errors import ConfigError
 from sensorseal.core.ids import DeviceId
-from sensorseal.store.base import AuditEvent, DeviceExists, DeviceRecord, DeviceStatus, TelemetryRow
+from sensorseal.store.base import (
+    ApiTokenRow,
+    Assignment,
+    AuditEvent,
+    DeviceExists,
+    DeviceRecord,
+    DeviceStatus,
+    EpochInfo,
+    GatewayRecord,
+    LegacyCredential,
+    NetworkRecord,
+    OperatorRow,
+    PublicKeyRow,
+    SessionRow,
+    TelemetryRow,
+)
 
 __all__ = ["MEMORY", "SQLiteStore", "migrations"]
 
@@ -55,6 +71,13 @@ _SELECT_ROW = (
     " FROM telemetry"
 )
 _SELECT_EVENT = "SELECT at_ms, reason, transport, source, device_id, detail FROM audit"
+_SELECT_OPERATOR = (
+    "SELECT name, password_hash, role, groups, disabled, created_ms FROM operators"
+)
+_SELECT_TOKEN = (
+    "SELECT token_id, name, sha256, role, groups, created_ms, created_by, revoked_ms"  # noqa: S105
+    " FROM api_tokens"
+)
 
 _Key = tuple[bytes, int, int]  # (device_id, epoch, seq)
 _row_params = attrgetter("device_id", "epoch", "seq", "received_ms", "device_ts_ms", "level",
@@ -115,6 +138,11 @@ def _telemetry(row: Any) -> TelemetryRow:
 
 def _event(row: Any) -> AuditEvent:
     return AuditEvent(*row)
+
+
+def _operator(row: Any) -> OperatorRow:
+    name, password_hash, role, groups, disabled, created_ms = row
+    return OperatorRow(name, password_hash, role, groups, bool(disabled), created_ms)
 
 
 class SQLiteStore:
@@ -411,6 +439,497 @@ class SQLiteStore:
             conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)"
                          " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
 
+    # -- console (migration 0003): groups, policies, operators, sessions, tokens -----------
+
+    def set_device_group(self, device_id: DeviceId, group: str | None) -> bool:
+        with self._write() as conn:
+            cur = conn.execute("UPDATE devices SET group_name = ? WHERE id = ?",
+                               (group, bytes(device_id)))
+            return cur.rowcount == 1
+
+    def device_groups(self) -> dict[str, str]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT id, group_name FROM devices"
+                                " WHERE group_name IS NOT NULL").fetchall()
+        return {bytes(i).hex(): str(g) for i, g in rows}
+
+    def set_device_policy(self, device_id: DeviceId, policy: str) -> bool:
+        with self._write() as conn:
+            cur = conn.execute("UPDATE devices SET policy = ? WHERE id = ?",
+                               (policy, bytes(device_id)))
+            return cur.rowcount == 1
+
+    def list_policies(self) -> dict[str, str]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT name, spec FROM policies ORDER BY name").fetchall()
+        return {str(n): str(s) for n, s in rows}
+
+    def put_policy(self, name: str, spec: str, now_ms: int) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT INTO policies (name, spec, updated_ms) VALUES (?, ?, ?)"
+                         " ON CONFLICT (name) DO UPDATE SET spec = excluded.spec,"
+                         " updated_ms = excluded.updated_ms", (name, spec, now_ms))
+
+    def delete_policy(self, name: str) -> bool:
+        with self._write() as conn:
+            return conn.execute("DELETE FROM policies WHERE name = ?", (name,)).rowcount == 1
+
+    def policy_attachments(self) -> dict[tuple[str, str], str]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT kind, target, policy FROM policy_attachments").fetchall()
+        return {(str(k), str(t)): str(p) for k, t, p in rows}
+
+    def attach_policy(self, kind: str, target: str, policy: str | None) -> None:
+        with self._write() as conn:
+            if policy is None:
+                conn.execute("DELETE FROM policy_attachments WHERE kind = ? AND target = ?",
+                             (kind, target))
+            else:
+                conn.execute("INSERT INTO policy_attachments (kind, target, policy)"
+                             " VALUES (?, ?, ?) ON CONFLICT (kind, target)"
+                             " DO UPDATE SET policy = excluded.policy", (kind, target, policy))
+
+    def add_operator(self, row: OperatorRow) -> bool:
+        with self._write() as conn:
+            cur = conn.execute("INSERT INTO operators (name, password_hash, role, groups,"
+                               " disabled, created_ms) VALUES (?, ?, ?, ?, ?, ?)"
+                               " ON CONFLICT DO NOTHING",
+                               (row.name, row.password_hash, row.role, row.groups,
+                                int(row.disabled), row.created_ms))
+            return cur.rowcount == 1
+
+    def get_operator(self, name: str) -> OperatorRow | None:
+        with self._read() as conn:
+            row = conn.execute(_SELECT_OPERATOR + " WHERE name = ?", (name,)).fetchone()
+        return None if row is None else _operator(row)
+
+    def list_operators(self) -> list[OperatorRow]:
+        with self._read() as conn:
+            rows = conn.execute(_SELECT_OPERATOR + " ORDER BY name").fetchall()
+        return [_operator(r) for r in rows]
+
+    def update_operator(self, name: str, *, password_hash: str | None = None,
+                        disabled: bool | None = None) -> bool:
+        with self._write() as conn:
+            found = False
+            if password_hash is not None:
+                found = conn.execute("UPDATE operators SET password_hash = ? WHERE name = ?",
+                                     (password_hash, name)).rowcount == 1
+            if disabled is not None:
+                found = conn.execute("UPDATE operators SET disabled = ? WHERE name = ?",
+                                     (int(disabled), name)).rowcount == 1
+            return found
+
+    def add_session(self, row: SessionRow) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT INTO sessions (id_sha256, operator, csrf, created_ms,"
+                         " expires_ms) VALUES (?, ?, ?, ?, ?)", tuple(row))
+
+    def get_session(self, id_sha256: str) -> SessionRow | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT id_sha256, operator, csrf, created_ms, expires_ms"
+                               " FROM sessions WHERE id_sha256 = ?", (id_sha256,)).fetchone()
+        return None if row is None else SessionRow(*row)
+
+    def delete_session(self, id_sha256: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM sessions WHERE id_sha256 = ?", (id_sha256,))
+
+    def delete_sessions_of(self, operator: str) -> int:
+        with self._write() as conn:
+            return int(conn.execute("DELETE FROM sessions WHERE operator = ?",
+                                    (operator,)).rowcount)
+
+    def purge_sessions(self, now_ms: int) -> int:
+        with self._write() as conn:
+            return int(conn.execute("DELETE FROM sessions WHERE expires_ms <= ?",
+                                    (now_ms,)).rowcount)
+
+    def add_token(self, row: ApiTokenRow) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT INTO api_tokens (token_id, name, sha256, role, groups,"
+                         " created_ms, created_by, revoked_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         tuple(row))
+
+    def get_token(self, token_id: str) -> ApiTokenRow | None:
+        with self._read() as conn:
+            row = conn.execute(_SELECT_TOKEN + " WHERE token_id = ?", (token_id,)).fetchone()
+        return None if row is None else ApiTokenRow(*row)
+
+    def list_tokens(self) -> list[ApiTokenRow]:
+        with self._read() as conn:
+            rows = conn.execute(_SELECT_TOKEN + " ORDER BY created_ms, token_id").fetchall()
+        return [ApiTokenRow(*r) for r in rows]
+
+    def revoke_token(self, token_id: str, now_ms: int) -> bool:
+        with self._write() as conn:
+            cur = conn.execute("UPDATE api_tokens SET revoked_ms = ? WHERE token_id = ?"
+                               " AND revoked_ms IS NULL", (now_ms, token_id))
+            return cur.rowcount == 1
+
+    def events_for_devices(self, device_ids: Sequence[str], *, reason: str | None = None,
+                           since_ms: int | None = None, limit: int = 100) -> list[AuditEvent]:
+        ids = list(device_ids)
+        if not ids:
+            return []
+        # json_each binds the whole list as one parameter (no SQL built from values).
+        sql = _SELECT_EVENT + " WHERE device_id IN (SELECT value FROM json_each(?))"  # noqa: S608
+        args: list[object] = [json.dumps(ids)]
+        if reason is not None:
+            sql += " AND reason = ?"
+            args.append(reason)
+        if since_ms is not None:
+            sql += " AND at_ms >= ?"
+            args.append(since_ms)
+        sql += " ORDER BY at_ms DESC, id DESC LIMIT ?"
+        args.append(limit)
+        with self._read() as conn:
+            rows = conn.execute(sql, args).fetchall()
+        return [_event(r) for r in rows]
+
+
+    # -- key lifecycle (migration 0002; see KeyLifecycleStore) -------------------------------
+
+    def add_epoch(self, device_id: DeviceId, epoch: int, wrapped: bytes, created_ms: int, *,
+                  renewal_state: bytes | None = None, grace_ms: int = 0) -> None:
+        dev = bytes(device_id)
+        with self._write() as conn:
+            row = conn.execute("SELECT status, epoch FROM devices WHERE id = ?",
+                               (dev,)).fetchone()
+            if row is None:
+                raise ConfigError(f"no device {device_id}")
+            if row[0] == DeviceStatus.REVOKED.value:
+                raise ConfigError(f"device {device_id} is revoked")
+            if epoch <= row[1]:
+                raise ConfigError(f"epoch {epoch} is not above the current epoch {row[1]}")
+            conn.execute("INSERT INTO device_secrets (device_id, epoch, wrapped, created_ms)"
+                         " VALUES (?, ?, ?, ?) ON CONFLICT (device_id, epoch) DO UPDATE"
+                         " SET wrapped = excluded.wrapped, created_ms = excluded.created_ms,"
+                         " expires_ms = NULL", (dev, epoch, wrapped, created_ms))
+            if renewal_state is not None:
+                self._put_renewal(conn, dev, renewal_state, grace_ms, created_ms)
+
+    @staticmethod
+    def _put_renewal(conn: sqlite3.Connection, dev: bytes, state: bytes, grace_ms: int,
+                     now_ms: int) -> None:
+        conn.execute("INSERT INTO device_renewals (device_id, state, grace_ms, updated_ms)"
+                     " VALUES (?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE"
+                     " SET state = excluded.state, grace_ms = excluded.grace_ms,"
+                     " updated_ms = excluded.updated_ms", (dev, state, grace_ms, now_ms))
+
+    def switch_epoch(self, device_id: DeviceId, from_epoch: int, to_epoch: int,
+                     old_expires_ms: int | None, *, renewal_state: bytes | None = None) -> bool:
+        dev = bytes(device_id)
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE devices SET epoch = ? WHERE id = ? AND epoch = ? AND status != ?"
+                " AND EXISTS (SELECT 1 FROM device_secrets WHERE device_id = ? AND epoch = ?)",
+                (to_epoch, dev, from_epoch, DeviceStatus.REVOKED.value, dev, to_epoch))
+            if cur.rowcount != 1:
+                return False
+            conn.execute("UPDATE device_secrets SET expires_ms = CASE WHEN expires_ms IS NULL"
+                         " THEN ? ELSE min(expires_ms, coalesce(?, expires_ms)) END"
+                         " WHERE device_id = ? AND epoch = ?",
+                         (old_expires_ms, old_expires_ms, dev, from_epoch))
+            if renewal_state is not None:
+                conn.execute("UPDATE device_renewals SET state = ? WHERE device_id = ?",
+                             (renewal_state, dev))
+            return True
+
+    def epoch_info(self, device_id: DeviceId, epoch: int) -> EpochInfo | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT epoch, created_ms, expires_ms FROM device_secrets"
+                               " WHERE device_id = ? AND epoch = ?",
+                               (bytes(device_id), epoch)).fetchone()
+        return None if row is None else EpochInfo(*row)
+
+    def list_epochs(self, device_id: DeviceId) -> list[EpochInfo]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT epoch, created_ms, expires_ms FROM device_secrets"
+                                " WHERE device_id = ? ORDER BY epoch",
+                                (bytes(device_id),)).fetchall()
+        return [EpochInfo(*r) for r in rows]
+
+    def get_renewal(self, device_id: DeviceId) -> tuple[bytes, int] | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT state, grace_ms FROM device_renewals"
+                               " WHERE device_id = ?", (bytes(device_id),)).fetchone()
+        return None if row is None else (bytes(row[0]), int(row[1]))
+
+    def put_renewal(self, device_id: DeviceId, state: bytes, grace_ms: int,
+                    now_ms: int) -> None:
+        with self._write() as conn:
+            self._put_renewal(conn, bytes(device_id), state, grace_ms, now_ms)
+
+    def add_public_key(self, device_id: DeviceId, purpose: str, alg: int, public: bytes,
+                       added_ms: int) -> bool:
+        with self._write() as conn:
+            try:
+                cur = conn.execute("INSERT INTO device_public_keys (device_id, purpose, alg,"
+                                   " public, added_ms) VALUES (?, ?, ?, ?, ?)"
+                                   " ON CONFLICT DO NOTHING",
+                                   (bytes(device_id), purpose, alg, public, added_ms))
+            except sqlite3.IntegrityError as exc:
+                raise ConfigError(f"cannot add a {purpose!r:.20} key for {device_id}: "
+                                  f"{exc}") from None
+            return cur.rowcount == 1
+
+    def public_keys(self, device_id: DeviceId, purpose: str) -> list[PublicKeyRow]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT purpose, alg, public, added_ms FROM device_public_keys"
+                                " WHERE device_id = ? AND purpose = ?"
+                                " ORDER BY added_ms DESC, public",
+                                (bytes(device_id), purpose)).fetchall()
+        return [PublicKeyRow(p, a, bytes(k), t) for p, a, k, t in rows]
+
+    def wrapped_secrets(self, *, after: tuple[DeviceId, int] | None = None,
+                        limit: int = 500) -> list[tuple[DeviceId, int, bytes]]:
+        dev, epoch = (b"", -1) if after is None else (bytes(after[0]), after[1])
+        with self._read() as conn:
+            rows = conn.execute("SELECT device_id, epoch, wrapped FROM device_secrets"
+                                " WHERE (device_id, epoch) > (?, ?)"
+                                " ORDER BY device_id, epoch LIMIT ?",
+                                (dev, epoch, limit)).fetchall()
+        return [(DeviceId(d), int(e), bytes(w)) for d, e, w in rows]
+
+    def replace_secret(self, device_id: DeviceId, epoch: int, old: bytes, new: bytes) -> bool:
+        with self._write() as conn:
+            cur = conn.execute("UPDATE device_secrets SET wrapped = ? WHERE device_id = ?"
+                               " AND epoch = ? AND wrapped = ?",
+                               (new, bytes(device_id), epoch, old))
+            return cur.rowcount == 1
+
+    # -- compat (migration 0005): legacy credentials, digests, hub uptime, hub commands --------
+
+    def add_legacy_device(self, record: DeviceRecord, credential: LegacyCredential) -> None:
+        with self._write() as conn:
+            try:
+                conn.execute("INSERT INTO devices (id, name, status, epoch, policy, created_ms,"
+                             " last_seen_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (bytes(record.device_id), record.name, record.status.value,
+                              record.epoch, record.policy, record.created_ms,
+                              record.last_seen_ms))
+                conn.execute(_INSERT_LEGACY, _legacy_params(credential))
+            except sqlite3.IntegrityError as exc:
+                if "UNIQUE" in str(exc):
+                    raise DeviceExists(f"device {record.device_id} or legacy id "
+                                       f"{credential.external_id!r:.40} exists") from None
+                raise ConfigError(f"invalid legacy device: {exc}") from None
+
+    def get_legacy(self, kind: str, external_id: str) -> LegacyCredential | None:
+        with self._read() as conn:
+            row = conn.execute(_SELECT_LEGACY + " WHERE kind = ? AND external_id = ?",
+                               (kind, external_id)).fetchone()
+        return None if row is None else _legacy(row)
+
+    def get_legacy_of(self, device_id: DeviceId) -> LegacyCredential | None:
+        with self._read() as conn:
+            row = conn.execute(_SELECT_LEGACY + " WHERE device_id = ?",
+                               (bytes(device_id),)).fetchone()
+        return None if row is None else _legacy(row)
+
+    def legacy_in_state(self, state: str, *, limit: int = 1000) -> list[LegacyCredential]:
+        with self._read() as conn:
+            rows = conn.execute(_SELECT_LEGACY + " WHERE state = ? ORDER BY created_ms LIMIT ?",
+                                (state, limit)).fetchall()
+        return [_legacy(r) for r in rows]
+
+    def start_legacy_migration(self, device_id: DeviceId, epoch: int, wrapped_secret: bytes,
+                               target_policy: str, now_ms: int) -> bool:
+        dev = bytes(device_id)
+        with self._write() as conn:
+            row = conn.execute("SELECT d.status FROM legacy_credentials l JOIN devices d"
+                               " ON d.id = l.device_id WHERE l.device_id = ?"
+                               " AND l.state = 'active'", (dev,)).fetchone()
+            if row is None or row[0] == DeviceStatus.REVOKED.value:
+                return False
+            try:
+                conn.execute("INSERT INTO device_secrets (device_id, epoch, wrapped, created_ms)"
+                             " VALUES (?, ?, ?, ?)", (dev, epoch, wrapped_secret, now_ms))
+            except sqlite3.IntegrityError:
+                return False  # that epoch already has a secret: never overwrite one
+            conn.execute("UPDATE devices SET epoch = ? WHERE id = ?", (epoch, dev))
+            conn.execute("UPDATE legacy_credentials SET state = 'migrating', target_policy = ?"
+                         " WHERE device_id = ?", (target_policy, dev))
+            return True
+
+    def finish_legacy_migration(self, device_id: DeviceId, event: AuditEvent) -> bool:
+        dev = bytes(device_id)
+        with self._write() as conn:
+            row = conn.execute("SELECT target_policy FROM legacy_credentials WHERE device_id = ?"
+                               " AND state = 'migrating'", (dev,)).fetchone()
+            if row is None or row[0] is None:
+                return False
+            conn.execute("UPDATE devices SET policy = ? WHERE id = ?", (row[0], dev))
+            conn.execute("UPDATE legacy_credentials SET state = 'migrated' WHERE device_id = ?",
+                         (dev,))
+            conn.execute(_INSERT_EVENT, _event_params(event))
+            return True
+
+    def claim_digest(self, device_id: DeviceId, digest: bytes, now_ms: int,
+                     expires_ms: int) -> bool:
+        with self._write() as conn:
+            conn.execute("DELETE FROM compat_digests WHERE expires_ms <= ?", (now_ms,))
+            cur = conn.execute("INSERT INTO compat_digests (device_id, digest, expires_ms)"
+                               " VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                               (bytes(device_id), bytes(digest), expires_ms))
+            return cur.rowcount == 1
+
+    def release_digest(self, device_id: DeviceId, digest: bytes) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM compat_digests WHERE device_id = ? AND digest = ?",
+                         (bytes(device_id), bytes(digest)))
+
+    def hub_uptime(self, device_id: DeviceId) -> tuple[int, int] | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT last_uptime_ms, last_seen_ms FROM compat_hub_uptime"
+                               " WHERE device_id = ?", (bytes(device_id),)).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]))
+
+    def set_hub_uptime(self, device_id: DeviceId, uptime_ms: int, seen_ms: int) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT INTO compat_hub_uptime (device_id, last_uptime_ms, last_seen_ms)"
+                         " VALUES (?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET"
+                         " last_uptime_ms = excluded.last_uptime_ms,"
+                         " last_seen_ms = excluded.last_seen_ms",
+                         (bytes(device_id), uptime_ms, seen_ms))
+
+    def queue_command(self, device_id: DeviceId, command: str, now_ms: int) -> int:
+        with self._write() as conn:
+            try:
+                cur = conn.execute("INSERT INTO compat_commands (device_id, command, created_ms)"
+                                   " VALUES (?, ?, ?)", (bytes(device_id), command, now_ms))
+            except sqlite3.IntegrityError:
+                raise ConfigError(f"no device {device_id}") from None
+            return int(cur.lastrowid or 0)
+
+    def take_commands(self, device_id: DeviceId, now_ms: int, limit: int) -> list[str]:
+        with self._write() as conn:
+            rows = conn.execute("SELECT id, command FROM compat_commands WHERE device_id = ?"
+                                " AND delivered_ms IS NULL ORDER BY id LIMIT ?",
+                                (bytes(device_id), limit)).fetchall()
+            conn.executemany("UPDATE compat_commands SET delivered_ms = ? WHERE id = ?",
+                             [(now_ms, i) for i, _ in rows])
+        return [str(c) for _, c in rows]
+
+    # -- networks and gateways (migration 0004; see GatewayStore) ----------------------------
+
+    def add_network(self, record: NetworkRecord, wrapped_key: bytes) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT INTO networks (id, name, alg, required_layers, wrapped_key,"
+                         " created_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                         (bytes(record.network_id), record.name, record.alg,
+                          record.required_layers, wrapped_key, record.created_ms))
+
+    def get_network(self, network_id: bytes) -> NetworkRecord | None:
+        with self._read() as conn:
+            row = conn.execute(_SELECT_NETWORK + " WHERE id = ?",
+                               (bytes(network_id),)).fetchone()
+        return None if row is None else _network(row)
+
+    def list_networks(self) -> list[NetworkRecord]:
+        with self._read() as conn:
+            rows = conn.execute(_SELECT_NETWORK + " ORDER BY created_ms, id").fetchall()
+        return [_network(r) for r in rows]
+
+    def network_key(self, network_id: bytes) -> bytes | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT wrapped_key FROM networks WHERE id = ?",
+                               (bytes(network_id),)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def add_gateway(self, record: GatewayRecord, wrapped_secret: bytes,
+                    networks: Sequence[bytes]) -> None:
+        with self._write() as conn:
+            try:
+                conn.execute("INSERT INTO gateways (id, name, status, epoch, wrapped_secret,"
+                             " created_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                             (bytes(record.gateway_id), record.name, record.status.value,
+                              record.epoch, wrapped_secret, record.created_ms))
+                conn.executemany("INSERT INTO gateway_networks (gateway_id, network_id)"
+                                 " VALUES (?, ?)",
+                                 [(bytes(record.gateway_id), bytes(n)) for n in networks])
+            except sqlite3.IntegrityError as exc:
+                raise ConfigError(f"cannot add gateway: {exc}") from None
+
+    def get_gateway(self, gateway_id: DeviceId) -> GatewayRecord | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT id, name, status, epoch, created_ms FROM gateways"
+                               " WHERE id = ?", (bytes(gateway_id),)).fetchone()
+        if row is None:
+            return None
+        return GatewayRecord(DeviceId(row[0]), row[1], DeviceStatus(row[2]), row[3], row[4])
+
+    def gateway_secret(self, gateway_id: DeviceId, epoch: int) -> bytes | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT wrapped_secret FROM gateways WHERE id = ? AND epoch = ?",
+                               (bytes(gateway_id), epoch)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def gateway_networks(self, gateway_id: DeviceId) -> list[bytes]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT network_id FROM gateway_networks WHERE gateway_id = ?"
+                                " ORDER BY network_id", (bytes(gateway_id),)).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def assign_device(self, assignment: Assignment) -> None:
+        with self._write() as conn:
+            try:
+                conn.execute("INSERT INTO device_networks (device_id, network_id, mode,"
+                             " assigned_ms) VALUES (?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE"
+                             " SET network_id = excluded.network_id, mode = excluded.mode,"
+                             " assigned_ms = excluded.assigned_ms",
+                             (bytes(assignment.device_id), bytes(assignment.network_id),
+                              assignment.mode, assignment.assigned_ms))
+            except sqlite3.IntegrityError as exc:
+                raise ConfigError(f"cannot assign device: {exc}") from None
+
+    def device_assignment(self, device_id: DeviceId) -> Assignment | None:
+        with self._read() as conn:
+            row = conn.execute(_SELECT_ASSIGNMENT + " WHERE device_id = ?",
+                               (bytes(device_id),)).fetchone()
+        return None if row is None else _assignment(row)
+
+    def network_assignments(self, network_id: bytes) -> list[Assignment]:
+        with self._read() as conn:
+            rows = conn.execute(_SELECT_ASSIGNMENT + " WHERE network_id = ? ORDER BY device_id",
+                                (bytes(network_id),)).fetchall()
+        return [_assignment(r) for r in rows]
+
+
+_SELECT_NETWORK = "SELECT id, name, alg, required_layers, created_ms FROM networks"
+_SELECT_ASSIGNMENT = "SELECT device_id, network_id, mode, assigned_ms FROM device_networks"
+
+
+def _network(row: Any) -> NetworkRecord:
+    return NetworkRecord(bytes(row[0]), row[1], row[2], row[3], row[4])
+
+
+def _assignment(row: Any) -> Assignment:
+    return Assignment(DeviceId(row[0]), bytes(row[1]), row[2], row[3])
+
 
 def _event_params(e: AuditEvent) -> tuple[object, ...]:
     return (e.at_ms, e.reason, e.transport, e.source, e.device_id, e.detail)
+
+
+_SELECT_LEGACY = (
+    "SELECT device_id, kind, external_id, wrapped, options, state, target_policy, created_ms"
+    " FROM legacy_credentials"
+)
+_INSERT_LEGACY = (
+    "INSERT INTO legacy_credentials (device_id, kind, external_id, wrapped, options, state,"
+    " target_policy, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _legacy(row: Any) -> LegacyCredential:
+    dev, kind, external_id, wrapped, options, state, target, created_ms = row
+    return LegacyCredential(DeviceId(dev), kind, external_id,
+                            None if wrapped is None else bytes(wrapped), options, state, target,
+                            created_ms)
+
+
+def _legacy_params(c: LegacyCredential) -> tuple[object, ...]:
+    return (bytes(c.device_id), c.kind, c.external_id, c.wrapped, c.options, c.state,
+            c.target_policy, c.created_ms)

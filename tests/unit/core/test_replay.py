@@ -82,3 +82,13 @@ def test_matches_a_set_model() -> None:
             w.strike(seq)
             seen.add(seq)
             top = max(top, seq)
+
+
+def test_store_decides_left_of_window_on_servers() -> None:
+    w = ReplayWindow(8, store_decides_left=True)
+    w.strike(100)
+    assert not _refused(w, 3)  # far left: passes the window, the store's unique key decides
+    assert _refused(w, 100)  # known seen: still refused here
+    w.strike(95)
+    assert _refused(w, 95)
+    assert not ReplayWindow.resume(50, 8, store_decides_left=True).seen(1)

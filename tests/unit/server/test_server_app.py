@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import cbor2
 import pytest
-from conftest import ROUTE, Env, sealed
+from server_support import ROUTE, Env, sealed
 
 with warnings.catch_warnings():
     # Starlette 1.x nudges towards `httpx2`; the httpx transport it ships still works.

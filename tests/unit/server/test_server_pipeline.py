@@ -8,7 +8,7 @@ import threading
 from collections.abc import Sequence
 
 import pytest
-from conftest import ROUTE, T0, Env, sealed
+from server_support import ROUTE, T0, Env, sealed
 
 from sensorseal.core.credential import DeviceCredential
 from sensorseal.core.errors import RejectReason
@@ -287,3 +287,18 @@ def test_concurrent_batches_store_each_message_once(env: Env) -> None:
     assert all(r.reason is RejectReason.REPLAY for r in results if not r.ok)
     assert env.store.count_telemetry(cred.device_id) == len(accepted)
     assert env.pipeline.stats.accepted == len(accepted)
+
+
+def test_two_workers_far_out_of_order_lose_nothing_and_accept_no_replay(env: Env) -> None:
+    """Worker B's window is pushed far ahead; a genuine message worker A never saw, far left of
+    B's window, must still be stored (the store decides), and its replay refused on both."""
+    cred = env.registry.add_device("w2", "standard")
+    worker_a, worker_b = env.pipeline, env.new_pipeline()
+    assert ingest(worker_a, sealed(cred, 1))[0].ok
+    assert all(r.ok for r in ingest(worker_b, *(sealed(cred, s) for s in range(500, 700))))
+    late = sealed(cred, 7)  # in flight all along, 600+ numbers behind worker B's view
+    assert ingest(worker_b, late)[0].ok
+    assert reasons(ingest(worker_a, late)) == [RejectReason.REPLAY]
+    assert reasons(ingest(worker_b, late)) == [RejectReason.REPLAY]
+    assert reasons(ingest(worker_b, sealed(cred, 600))) == [RejectReason.REPLAY]
+    assert env.store.count_telemetry(cred.device_id) == 202
