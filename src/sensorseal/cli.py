@@ -106,22 +106,69 @@ def init(ctx: click.Context) -> None:
 @click.option("--mqtt", "mqtt_broker", metavar="HOST:PORT",
               help="With --workers: each worker also ingests from this MQTT broker (shared "
                    "subscription; credentials from SENSORSEAL_MQTT_USERNAME/_PASSWORD).")
+@click.option("--mqtt-port", type=click.IntRange(0, 65535), default=1883, show_default=True,
+              help="Port of the embedded MQTT broker on --host; 0 picks a free port.")
+@click.option("--no-mqtt", is_flag=True, help="HTTP only: no broker, no MQTT ingest.")
+@click.option("--mqtt-url", metavar="mqtt[s]://HOST:PORT",
+              help="Use this broker (e.g. Mosquitto, MQTT 5) instead of the embedded one: a "
+                   "shared-subscription ingest worker, password from $SENSORSEAL_MQTT_PASSWORD.")
+@click.option("--mqtt-ca", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="CA certificate of an mqtts:// broker.")
+@click.option("--mqtt-username", default="sensorseal-ingest", show_default=True,
+              help="The server's service account on the --mqtt-url broker.")
+@click.option("--dynsec", is_flag=True,
+              help="Keep Mosquitto's dynamic security in step with the registry (admin from "
+                   "$SENSORSEAL_DYNSEC_USERNAME/_PASSWORD).")
+@click.option("--iotcore-port", type=click.IntRange(0, 65535),
+              help="Also accept Cloud IoT Core devices: MQTT over TLS on this port (8883 in "
+                   "production; 0 picks a free one) and the HTTP bridge (docs/compat.md).")
+@click.option("--iotcore-cert", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="TLS certificate (chain) for --iotcore-port (default: --certfile).")
+@click.option("--iotcore-key", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Its private key (default: --keyfile).")
+@click.option("--eva-product", help="Answer EVA ICS v3 API calls as this product ...")
+@click.option("--eva-system", help="... and system name.")
+@click.option("--eva-space", help="EVA topic prefix (space), if the nodes use one.")
+@click.option("--eva-broker", metavar="mqtt[s]://HOST:PORT",
+              help="Broker of the EVA endpoint (default: --mqtt-url); credentials from "
+                   "$SENSORSEAL_EVA_MQTT_USERNAME/_PASSWORD.")
 @click.pass_context
 def serve(ctx: click.Context, host: str, http_port: int, certfile: Path | None,
-          keyfile: Path | None, workers: int, mqtt_broker: str | None) -> None:
-    """Run the ingest server (HTTP, HTTPS with --certfile/--keyfile)."""
+          keyfile: Path | None, workers: int, mqtt_broker: str | None, mqtt_port: int,
+          no_mqtt: bool, mqtt_url: str | None, mqtt_ca: Path | None, mqtt_username: str,
+          dynsec: bool, iotcore_port: int | None, iotcore_cert: Path | None,
+          iotcore_key: Path | None, eva_product: str | None, eva_system: str | None,
+          eva_space: str | None, eva_broker: str | None) -> None:
+    """Run the ingest server: HTTP (HTTPS with --certfile/--keyfile) and MQTT (an embedded
+    broker by default, or --mqtt-url)."""
     from sensorseal.server.run import serve as run_server
 
     datadir: DataDir = ctx.obj["datadir"]
     try:
+        dropin = {"iotcore_port": iotcore_port, "iotcore_cert": iotcore_cert,
+                  "iotcore_key": iotcore_key, "eva_product": eva_product,
+                  "eva_system": eva_system, "eva_space": eva_space, "eva_broker": eva_broker}
+        extra = _dropin_options(dropin, certfile=certfile, keyfile=keyfile, host=host,
+                                mqtt_url=mqtt_url, mqtt_ca=mqtt_ca, mqtt_username=mqtt_username)
+        if extra and (workers > 1 or mqtt_broker is not None):
+            _fail("--iotcore-*/--eva-* run in a single server process (no --workers/--mqtt)", 2)
         if workers > 1 or mqtt_broker is not None:
             from sensorseal.server.workers import serve_workers
 
+            if mqtt_url is not None or dynsec:
+                _fail("with --workers, name the broker with --mqtt HOST:PORT", 2)
             serve_workers(datadir.path, workers=workers, host=host, port=http_port,
                           certfile=certfile, keyfile=keyfile, mqtt=mqtt_broker)
         else:
+            from sensorseal.server.mqtt_service import MqttOptions
+
+            if no_mqtt and (mqtt_url is not None or dynsec):
+                _fail("--no-mqtt contradicts --mqtt-url/--dynsec", 2)
+            options = None if no_mqtt else MqttOptions.from_env(
+                host=host, port=mqtt_port, url=mqtt_url, ca=mqtt_ca, username=mqtt_username,
+                dynsec=dynsec)
             run_server(datadir.path, host=host, port=http_port, certfile=certfile,
-                       keyfile=keyfile)
+                       keyfile=keyfile, mqtt=options, **extra)
     except ConfigError as exc:
         _fail(str(exc))
 
@@ -417,6 +464,143 @@ def demo(ctx: click.Context, duration: float, n_devices: int, http_port: int,
     sys.exit(0 if ok else EXIT_NO)
 
 
+# -- the downlink over MQTT: commands and RPC through the running server's broker --------------
+
+@contextmanager
+def _cloud_link(ctx: click.Context, did: DeviceId) -> Iterator[tuple[Any, Any, Any]]:
+    """(service info, CloudLink, store) for talking to devices through the running server's
+    broker, as its service account. Exits 4 when no server is running."""
+    from sensorseal.mqtt.commands import COUNTER_FILE, CloudLink, DownlinkCounter
+    from sensorseal.server.mqtt_service import SERVICE_FILE, ServiceInfo
+
+    datadir: DataDir = ctx.obj["datadir"]
+    try:
+        store, keystore = datadir.open()
+    except ConfigError as exc:
+        _fail(str(exc))
+    counter = None
+    try:
+        info = ServiceInfo.read(datadir.path / SERVICE_FILE)
+        if info is None:
+            _fail(f"no server with MQTT is running on {datadir.path} (start `sensorseal serve`;"
+                  " not with --no-mqtt)", EXIT_NETWORK)
+        registry = Registry(store, keystore)
+        _known_device(registry, did)
+        counter = DownlinkCounter(datadir.path / COUNTER_FILE)
+        yield info, CloudLink(registry, counter), store
+    except ConfigError as exc:
+        _fail(str(exc))
+    finally:
+        if counter is not None:
+            counter.close()
+        store.close()
+
+
+def _mqtt_protocol(info: Any) -> Any:
+    import paho.mqtt.client as mqtt
+
+    return mqtt.MQTTv311 if info.mqtt311 else mqtt.MQTTv5
+
+
+def _start_caller(client: Any, info: Any) -> None:
+    try:
+        client.start(timeout=10.0)
+    except ConfigError:
+        client.stop()
+        _fail(f"could not connect to the server's broker at {info.url}", EXIT_NETWORK)
+
+
+def _known_device(reg: Registry, did: DeviceId) -> None:
+    record = reg.find(did)
+    if record is None:
+        _fail(f"no device {did}")
+    if record.status.value != "active":
+        _fail(f"device {did} is {record.status.value}; it cannot receive")
+
+
+@main.command("command")
+@click.argument("device_id")
+@click.argument("payload")
+@click.option("--timeout", type=click.FloatRange(0.1, 3600), default=10.0, show_default=True,
+              help="Seconds to wait for the device's ack.")
+@click.pass_context
+def command_cmd(ctx: click.Context, device_id: str, payload: str, timeout: float) -> None:
+    """Send PAYLOAD (text, or - for stdin) to a device as a sealed command; print its ack.
+
+    Exit 0 when the device acknowledged success, 1 when it answered with a failure, 4 when no
+    verified ack arrived in time (the command may or may not have run) or no server runs."""
+    import base64
+
+    from sensorseal.mqtt.commands import CommandSender, CommandTimeout
+
+    did = _device_id(device_id)
+    body = sys.stdin.buffer.read() if payload == "-" else payload.encode()
+    with _cloud_link(ctx, did) as (info, link, store):
+        _, host, port = info.endpoint
+        sender = CommandSender(link, host, port, username=info.username,
+                               password=info.password, tls_ca=info.ca, audit=store,
+                               protocol=_mqtt_protocol(info))
+        _start_caller(sender, info)
+        try:
+            ack = sender.send_command(did, body, timeout=timeout)
+        except CommandTimeout:
+            _fail(f"no verified ack from {did} within {timeout:g}s (it may be offline; the "
+                  "command may or may not have run)", EXIT_NETWORK)
+        finally:
+            sender.stop()
+    try:
+        shown = ack.result.decode("utf-8")
+    except UnicodeDecodeError:
+        shown = "base64:" + base64.b64encode(ack.result).decode()
+    if not ack.ok:
+        err.print(f"[red]device {did} refused the command:[/] {ack.error}", markup=True)
+        sys.exit(EXIT_NO)
+    out.print(f"ack from {did}: ok", markup=False)
+    if shown:
+        click.echo(shown)
+
+
+@main.command("rpc")
+@click.argument("device_id")
+@click.argument("method")
+@click.argument("params", required=False, default=None)
+@click.option("--timeout", type=click.FloatRange(0.1, 3600), default=5.0, show_default=True,
+              help="Seconds to wait for the device's response.")
+@click.pass_context
+def rpc_cmd(ctx: click.Context, device_id: str, method: str, params: str | None,
+            timeout: float) -> None:
+    """Call METHOD on a device over sealed JSON-RPC 2.0; print the result as JSON.
+
+    PARAMS is a JSON array or object (omit for none). Exit 1 for a JSON-RPC error answer, 4
+    when no verified response arrived in time or no server runs."""
+    from sensorseal.mqtt.rpc import RpcClient, RpcError, RpcTimeout
+
+    did = _device_id(device_id)
+    parsed: Any = None
+    if params is not None:
+        try:
+            parsed = json.loads(params)
+        except ValueError as exc:
+            _fail(f"PARAMS is not JSON: {exc}", 2)
+        if not isinstance(parsed, list | dict):
+            _fail("PARAMS must be a JSON array or object", 2)
+    with _cloud_link(ctx, did) as (info, link, store):
+        _, host, port = info.endpoint
+        client = RpcClient(link, host, port, username=info.username, password=info.password,
+                           tls_ca=info.ca, audit=store, protocol=_mqtt_protocol(info))
+        _start_caller(client, info)
+        try:
+            result = client.call(did, method, parsed, timeout=timeout)
+        except RpcTimeout:
+            _fail(f"no verified response from {did} within {timeout:g}s", EXIT_NETWORK)
+        except RpcError as exc:
+            _fail(f"device {did} answered with JSON-RPC error {exc.code}: {exc.message}",
+                  EXIT_NO)
+        finally:
+            client.stop()
+    click.echo(json.dumps(result))
+
+
 # -- key lifecycle: rotation, E5 renewal, device keys, KEK rotation, archive check ---------------
 
 @contextmanager
@@ -656,6 +840,176 @@ def _register_console_commands() -> None:
 
 
 _register_console_commands()
+
+
+def _register_update_commands() -> None:
+    """`update create|sign|approve|rollout|status` (sensorseal.updates.commands)."""
+    from sensorseal.updates.commands import register
+
+    register(main)
+
+
+_register_update_commands()
+
+
+# -- drop-in endpoints: Cloud IoT Core devices, EVA ICS keys (docs/compat.md) --------------------
+
+def _expiry_ms(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        _fail("--expires is ISO 8601, e.g. 2026-01-31T00:00:00Z", 2)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+@device.command("add-key")
+@click.argument("device_ref", metavar="ID")
+@click.option("--iotcore", "pem_file", required=True,
+              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The device's public key or certificate (PEM; RS256 or ES256), as uploaded "
+                   "to Cloud IoT Core.")
+@click.option("--expires", help="When the key stops being accepted (ISO 8601; UTC if no zone).")
+@click.option("--policy", type=click.Choice(["legacy", "legacy-unsigned"]), default="legacy",
+              show_default=True, help="Policy of a device created by this command.")
+@click.option("--counter-field", help="A device created here must carry this integer JSON "
+                                      "field in every event/state (replay window).")
+@click.pass_context
+def device_add_key(ctx: click.Context, device_ref: str, pem_file: Path, expires: str | None,
+                   policy: str, counter_field: str | None) -> None:
+    """Register a Cloud IoT Core public key. ID is the device's full name
+    (projects/P/locations/R/registries/REG/devices/D; created on its first key) or the 24-hex
+    id of a device registered that way. At most 3 keys per device."""
+    with _registry(ctx) as reg:
+        dev, key_id = reg.add_iotcore_key(device_ref, pem_file.read_bytes(),
+                                          expires_ms=_expiry_ms(expires), policy=policy,
+                                          counter_field=counter_field)
+    out.print(f"Key #{key_id} registered for {dev.path} (device {dev.device_id})", markup=False)
+
+
+@device.command("keys")
+@click.argument("device_ref", metavar="ID")
+@click.option("--remove", "remove_id", type=int, help="Remove the key with this number.")
+@click.pass_context
+def device_keys(ctx: click.Context, device_ref: str, remove_id: int | None) -> None:
+    """List (or --remove) a Cloud IoT Core device's registered public keys."""
+    with _registry(ctx) as reg:
+        if remove_id is not None:
+            reg.remove_iotcore_key(device_ref, remove_id)
+            out.print(f"Removed key #{remove_id}")
+            return
+        rows = reg.iotcore_keys(device_ref)
+    table = Table("#", "alg", "added", "expires")
+    for r in rows:
+        table.add_row(str(r.key_id), r.alg, _when(r.added_ms), _when(r.expires_ms))
+    out.print(table)
+
+
+@main.group()
+def iotcore() -> None:
+    """Cloud IoT Core devices (served with `serve --iotcore-port`)."""
+
+
+@iotcore.command("config")
+@click.argument("device_ref", metavar="ID")
+@click.argument("config_file", metavar="FILE", type=click.File("rb"))
+@click.pass_context
+def iotcore_config(ctx: click.Context, device_ref: str, config_file: Any) -> None:
+    """Set a device's config from FILE (- for stdin): a running server delivers it on
+    /devices/D/config (QoS 1, latest on subscribe) and through the HTTP bridge."""
+    data = config_file.read()
+    with _registry(ctx) as reg:
+        version = reg.set_iotcore_config(device_ref, data)
+    out.print(f"Config version {version} stored ({len(data)} bytes)")
+
+
+@main.group()
+def eva() -> None:
+    """EVA ICS v3 API keys (served with `serve --eva-product/--eva-system`)."""
+
+
+@eva.group("key")
+def eva_key() -> None:
+    """EVA API keys (shared secrets, stored wrapped under the KEK)."""
+
+
+@eva_key.command("add")
+@click.argument("key_id")
+@click.option("--key-stdin", is_flag=True,
+              help="Read the existing API key from stdin (else one is generated, shown once).")
+@click.pass_context
+def eva_key_add(ctx: click.Context, key_id: str, key_stdin: bool) -> None:
+    """Register an API key under KEY_ID (the id EVA nodes put in their frames)."""
+    api_key = sys.stdin.readline().rstrip("\r\n") if key_stdin else None
+    if key_stdin and not api_key:
+        _fail("--key-stdin: no key on stdin", 2)
+    with _registry(ctx) as reg:
+        generated = reg.add_eva_key(key_id, api_key)
+    out.print(f"EVA key id {key_id} registered", markup=False)
+    if generated is not None:
+        out.print("API key (shown once; configure it on the EVA node):")
+        out.print(generated, soft_wrap=True, markup=False)
+
+
+@eva_key.command("list")
+@click.pass_context
+def eva_key_list(ctx: click.Context) -> None:
+    """List EVA key ids (never the keys)."""
+    with _registry(ctx) as reg:
+        rows = reg.list_eva_keys()
+    for key_id, created_ms in rows:
+        out.print(f"{key_id}  {_when(created_ms)}", markup=False)
+
+
+@eva_key.command("remove")
+@click.argument("key_id")
+@click.pass_context
+def eva_key_remove(ctx: click.Context, key_id: str) -> None:
+    """Remove an EVA key (a running server stops accepting it within 5 s)."""
+    with _registry(ctx) as reg:
+        reg.remove_eva_key(key_id)
+    out.print(f"Removed EVA key id {key_id}", markup=False)
+
+
+def _dropin_options(opts: dict[str, Any], *, certfile: Path | None, keyfile: Path | None,
+                    host: str, mqtt_url: str | None, mqtt_ca: Path | None,
+                    mqtt_username: str) -> dict[str, Any]:
+    """`serve`'s --iotcore-* and --eva-* options as run.serve() keyword arguments."""
+    from sensorseal.server.eva_service import EvaOptions
+    from sensorseal.server.iotcore_service import IotCoreOptions
+
+    extra: dict[str, Any] = {}
+    port = opts.get("iotcore_port")
+    if port is not None:
+        cert, key = opts.get("iotcore_cert") or certfile, opts.get("iotcore_key") or keyfile
+        if cert is None or key is None:
+            _fail("--iotcore-port is TLS only: give --iotcore-cert/--iotcore-key "
+                  "(or --certfile/--keyfile)", 2)
+        extra["iotcore"] = IotCoreOptions(port=port, certfile=cert, keyfile=key, host=host)
+    product, system = opts.get("eva_product"), opts.get("eva_system")
+    if (product is None) != (system is None):
+        _fail("give both --eva-product and --eva-system", 2)
+    if product is not None and system is not None:
+        broker = opts.get("eva_broker") or mqtt_url
+        if broker is None:
+            _fail("the EVA endpoint needs a broker EVA nodes can log in to: --mqtt-url "
+                  "(the server's broker) or --eva-broker; the embedded broker admits only "
+                  "sensorseal devices", 2)
+        same = opts.get("eva_broker") is None
+        extra["eva"] = EvaOptions(
+            product, system, opts.get("eva_space"), broker_url=broker,
+            ca=mqtt_ca if same else None,
+            username=mqtt_username if same else os.environ.get(EVA_USERNAME_ENV),
+            password=os.environ.get("SENSORSEAL_MQTT_PASSWORD" if same else EVA_PASSWORD_ENV))
+    return extra
+
+
+EVA_USERNAME_ENV = "SENSORSEAL_EVA_MQTT_USERNAME"
+EVA_PASSWORD_ENV = "SENSORSEAL_EVA_MQTT_PASSWORD"  # noqa: S105 (the variable's name)
+
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,7 +14,9 @@ tests can pin them.
 
 from __future__ import annotations
 
+import base64
 import builtins
+import hashlib
 import os
 import re
 import time
@@ -23,12 +25,12 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from sensorseal.compat import valarm, waspmote, yoctopuce
+from sensorseal.compat import gcp_iot, valarm, waspmote, yoctopuce
 from sensorseal.core.attest import ALG_EDDSA, ALG_ES256, PublicKey
 from sensorseal.core.credential import DeviceCredential
-from sensorseal.core.errors import ConfigError
+from sensorseal.core.errors import ConfigError, Rejected
 from sensorseal.core.ids import DeviceId
 from sensorseal.core.keys import ROOT_SECRET_LEN
 from sensorseal.core.policy import PRESETS
@@ -41,12 +43,16 @@ from sensorseal.store.base import (
     DeviceRecord,
     DeviceStatus,
     EpochInfo,
+    IotCoreDevice,
+    IotCoreKeyRow,
+    IotCoreStore,
     KeyLifecycleStore,
     LegacyCredential,
     Store,
 )
 
-__all__ = ["DEFAULT_GRACE_MS", "FIRST_EPOCH", "LEGACY_EPOCH", "MAX_NAME_LEN",
+__all__ = ["DEFAULT_GRACE_MS", "EVA_KEY_SLOT", "FIRST_EPOCH", "IOTCORE_MAX_CONFIG", "LEGACY_EPOCH",
+           "MAX_NAME_LEN",
            "LegacyDevice", "Registry", "signing_key_bytes",
            "signing_key_from_bytes"]
 
@@ -61,6 +67,12 @@ _YOCTO_SERIAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,31}")
 _WASP_HEX = re.compile(r"[0-9A-Fa-f]{16}")
 _WASP_DEC = re.compile(r"0|[1-9][0-9]{0,9}")
 _CREDENTIAL_HINT = re.compile(r"(?i)pass|credential|secret|key")
+EVA_KEY_SLOT = 0xFFFF_FFFE  # keystore AAD slot of EVA API keys (AAD device = hash of the key id)
+_EVA_LABEL = b"sensorseal-eva-key/1\0"
+_EVA_KEY_ID = re.compile(r"[A-Za-z0-9_.@:+=-]{1,64}")  # what an EVA frame can carry
+_HEX24 = re.compile(r"[0-9a-fA-F]{24}")
+_COUNTER_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+IOTCORE_MAX_CONFIG = 64 * 1024  # Cloud IoT Core's limit
 
 
 def _wall_clock_ms() -> int:
@@ -98,6 +110,14 @@ class LegacyDevice:
     kind: str
     external_id: str
     generated_secret: str | None = field(repr=False, default=None)
+
+
+def _iot_path(ref: str) -> gcp_iot.DevicePath:
+    try:
+        return gcp_iot.DevicePath.parse(ref)
+    except Rejected:
+        raise ConfigError("an IoT Core device is projects/{project}/locations/{region}/"
+                          "registries/{registry}/devices/{device}, or its 24-hex id") from None
 
 
 def _check_policy(policy: str) -> str:
@@ -447,6 +467,135 @@ class Registry:
         self._audit("yocto_command_queued", device_id, actor, transport,
                     f"#{command_id} {url[:200]}")
         return command_id
+
+    # -- drop-in endpoints: Cloud IoT Core devices and EVA ICS API keys (docs/compat.md) -------
+    # An IoT Core device is a device row (epoch LEGACY_EPOCH, no native secret) bound to its
+    # full Cloud IoT Core name, with up to 3 registered public keys (public material, stored as
+    # uploaded). EVA API keys are shared secrets: wrapped under the KEK, bound to their key id.
+
+    def _iot(self) -> IotCoreStore:
+        if not hasattr(self._store, "iotcore_device"):
+            raise ConfigError("this store back end has no Cloud IoT Core / EVA support")
+        return cast(IotCoreStore, self._store)
+
+    def iotcore_device(self, ref: str) -> IotCoreDevice:
+        """A bound device, by its full IoT Core name or its 24-hex id; ConfigError if none."""
+        found = (self._iot().iotcore_device_of(DeviceId.parse(ref)) if _HEX24.fullmatch(ref)
+                 else self._iot().iotcore_device(str(_iot_path(ref))))
+        if found is None:
+            raise ConfigError(f"no Cloud IoT Core device {ref!r:.120}")
+        return found
+
+    def add_iotcore_key(self, ref: str, pem: bytes, *, expires_ms: int | None = None,
+                        policy: str = "legacy", counter_field: str | None = None,
+                        actor: str = "cli", transport: str = "cli") -> tuple[IotCoreDevice, int]:
+        """Register a public key (PEM key or certificate) for an IoT Core device. `ref` is its
+        full name (the device is created, with `policy` and `counter_field`, on its first key)
+        or the 24-hex id of a bound device. Returns the device and the key's id."""
+        public = gcp_iot.load_public_key(pem)
+        alg = "RS256" if isinstance(public, rsa.RSAPublicKey) else "ES256"
+        iot = self._iot()
+        if _HEX24.fullmatch(ref):
+            dev = self.iotcore_device(ref)
+        else:
+            path = _iot_path(ref)
+            dev = (iot.iotcore_device(str(path))
+                   or self._add_iotcore_device(path, policy, counter_field, actor, transport))
+        if len(iot.iotcore_keys(dev.device_id)) >= gcp_iot.MAX_KEYS_PER_DEVICE:
+            raise ConfigError(f"a device holds at most {gcp_iot.MAX_KEYS_PER_DEVICE} keys; "
+                              "remove one first")
+        key_id = iot.add_iotcore_key(dev.device_id, alg, pem.decode("ascii").strip() + "\n",
+                                     expires_ms, self._clock_ms())
+        if key_id is None:
+            raise ConfigError("this key is already registered for the device")
+        self._audit("iotcore_key_added", dev.device_id, actor, transport,
+                    f"key #{key_id} {alg} expires_ms={expires_ms}")
+        return dev, key_id
+
+    def _add_iotcore_device(self, path: gcp_iot.DevicePath, policy: str,
+                            counter_field: str | None, actor: str,
+                            transport: str) -> IotCoreDevice:
+        _check_policy(policy)
+        if counter_field is not None and not _COUNTER_FIELD.fullmatch(counter_field):
+            raise ConfigError("a counter field is 1-64 letters, digits or _")
+        now_ms = self._clock_ms()
+        device_id = DeviceId.generate(now_s=now_ms // 1000, random12=self._random(8))
+        name = path.device[:MAX_NAME_LEN]
+        record = DeviceRecord(device_id, name, DeviceStatus.ACTIVE, LEGACY_EPOCH, policy, now_ms)
+        binding = IotCoreDevice(device_id, str(path), path.device, counter_field, now_ms)
+        try:
+            self._iot().add_iotcore_device(record, binding)
+        except DeviceExists:
+            raise ConfigError(f"an IoT Core device named {path.device!r} is already "
+                              "registered (device ids must be unique across registries)") from None
+        self._audit("iotcore_device_added", device_id, actor, transport,
+                    f"path={path} policy={policy} counter={counter_field}")
+        return binding
+
+    def iotcore_keys(self, ref: str) -> builtins.list[IotCoreKeyRow]:
+        return self._iot().iotcore_keys(self.iotcore_device(ref).device_id)
+
+    def remove_iotcore_key(self, ref: str, key_id: int, *, actor: str = "cli",
+                           transport: str = "cli") -> None:
+        dev = self.iotcore_device(ref)
+        if not self._iot().remove_iotcore_key(dev.device_id, key_id):
+            raise ConfigError(f"device {dev.device_id} has no key #{key_id}")
+        self._audit("iotcore_key_removed", dev.device_id, actor, transport, f"key #{key_id}")
+
+    def set_iotcore_config(self, ref: str, data: bytes, *, actor: str = "cli",
+                           transport: str = "cli") -> int:
+        """Store a new config version; a running server delivers it (QoS 1, retained)."""
+        if len(data) > IOTCORE_MAX_CONFIG:
+            raise ConfigError(f"a config is at most {IOTCORE_MAX_CONFIG} bytes")
+        dev = self.iotcore_device(ref)
+        version = self._iot().put_iotcore_config(dev.device_id, data, self._clock_ms())
+        self._audit("iotcore_config_set", dev.device_id, actor, transport,
+                    f"version {version}, {len(data)} bytes")
+        return version
+
+    @staticmethod
+    def _eva_slot(key_id: str) -> DeviceId:
+        if not isinstance(key_id, str) or not _EVA_KEY_ID.fullmatch(key_id):
+            raise ConfigError("an EVA key id is 1-64 of [A-Za-z0-9_.@:+=-]")
+        return DeviceId(hashlib.sha256(_EVA_LABEL + key_id.encode("ascii")).digest()[:12])
+
+    def add_eva_key(self, key_id: str, api_key: str | None = None, *, actor: str = "cli",
+                    transport: str = "cli") -> str | None:
+        """Register an EVA API key under `key_id` (drawn if None: then returned, once)."""
+        slot = self._eva_slot(key_id)
+        generated = api_key is None
+        if api_key is None:
+            api_key = base64.urlsafe_b64encode(self._random(24)).decode("ascii")
+        _check_legacy_secret(api_key, "EVA API key", 12)
+        blob = self._keystore.wrap(slot, EVA_KEY_SLOT, _EVA_LABEL + api_key.encode("ascii"))
+        if not self._iot().add_eva_key(key_id, blob, self._clock_ms()):
+            raise ConfigError(f"EVA key id {key_id!r} exists; remove it first")
+        self._store.add_events([AuditEvent(self._clock_ms(), "eva_key_added", transport, actor,
+                                           None, f"key id {key_id}")])
+        return api_key if generated else None
+
+    def eva_api_key(self, key_id: str) -> str | None:
+        """The unwrapped API key of `key_id`, or None (also for a malformed key id)."""
+        try:
+            slot = self._eva_slot(key_id)
+        except ConfigError:
+            return None
+        blob = self._iot().eva_key(key_id)
+        if blob is None:
+            return None
+        plain = self._keystore.unwrap(slot, EVA_KEY_SLOT, blob)
+        if not plain.startswith(_EVA_LABEL):
+            raise ConfigError(f"EVA key {key_id} has the wrong label")
+        return plain[len(_EVA_LABEL):].decode("ascii")
+
+    def list_eva_keys(self) -> builtins.list[tuple[str, int]]:
+        return self._iot().list_eva_keys()
+
+    def remove_eva_key(self, key_id: str, *, actor: str = "cli", transport: str = "cli") -> None:
+        if not self._iot().remove_eva_key(key_id):
+            raise ConfigError(f"no EVA key id {key_id!r:.70}")
+        self._store.add_events([AuditEvent(self._clock_ms(), "eva_key_removed", transport, actor,
+                                           None, f"key id {key_id}")])
 
     def _audit(self, reason: str, device_id: DeviceId, actor: str, transport: str,
                detail: str) -> None:

@@ -39,8 +39,8 @@ def data(tmp_path: Path) -> Path:
 @pytest.fixture
 def server(data: Path) -> Iterator[str]:
     env = {**os.environ, "SENSORSEAL_DATA_DIR": str(data)}
-    proc = subprocess.Popen([*CMD, "serve", "--http-port", "0"], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([*CMD, "serve", "--http-port", "0", "--mqtt-port", "0"], env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     url = None
     deadline = time.monotonic() + 30

@@ -37,7 +37,7 @@ from typing import Any
 
 import cbor2
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -96,7 +96,10 @@ class MqttDevice:
                  outbox_capacity: int = 10_000, overflow: Overflow = Overflow.REFUSE,
                  keepalive_s: int = 30, reconnect_min_s: float = 0.2,
                  reconnect_max_s: float = 30.0, client_id: str | None = None,
-                 durable: bool = False) -> None:
+                 durable: bool = False, protocol: MQTTProtocolVersion = mqtt.MQTTv5) -> None:
+        """`protocol`: mqtt.MQTTv5 (Mosquitto, EMQX, ...) or mqtt.MQTTv311 (the embedded amqtt
+        broker). Either way the device keeps a persistent session, so commands sent while it
+        reconnects wait for it."""
         if qos not in (0, 1):
             raise ConfigError("telemetry is published at QoS 0 or 1")
         self.device = device
@@ -126,9 +129,14 @@ class MqttDevice:
         self._last_handed = 0
         self._threads: list[threading.Thread] = []
 
+        if protocol not in (mqtt.MQTTv5, mqtt.MQTTv311):
+            raise ConfigError("protocol is mqtt.MQTTv5 or mqtt.MQTTv311")
+        self._protocol = protocol
+        # MQTT 3.1.1 has no clean_start; its clean_session=False is the persistent session.
+        extra: dict[str, Any] = {} if protocol == mqtt.MQTTv5 else {"clean_session": False}
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2,
                                    client_id=client_id or device.device_id.hex(),
-                                   protocol=mqtt.MQTTv5)
+                                   protocol=protocol, **extra)
         self._client.username_pw_set(device.device_id.hex(),
                                      broker_password(cred.secret, device.device_id, cred.epoch))
         if tls_ca is not None:
@@ -146,11 +154,14 @@ class MqttDevice:
 
     def start(self) -> MqttDevice:
         """Start connecting (in the background, retrying with backoff) and the worker threads."""
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = _SESSION_EXPIRY_S
         self._stopping.clear()
-        self._client.connect_async(self.host, self.port, keepalive=self._keepalive,
-                                   clean_start=False, properties=props)
+        if self._protocol == mqtt.MQTTv5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = _SESSION_EXPIRY_S
+            self._client.connect_async(self.host, self.port, keepalive=self._keepalive,
+                                       clean_start=False, properties=props)
+        else:
+            self._client.connect_async(self.host, self.port, keepalive=self._keepalive)
         self._client.loop_start()
         for target, name in ((self._pump_forever, "outbox-pump"),
                              (self._downlink_forever, "downlink")):

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 import cbor2
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from sensorseal.core.context import SecurityContext
 from sensorseal.core.envelope import Opened, seal, unseal
@@ -218,15 +218,19 @@ class MqttSession:
     def __init__(self, host: str, port: int, filters: Sequence[str],
                  on_message: Callable[[str, bytes], None], *, username: str | None = None,
                  password: str | None = None, tls_ca: str | None = None,
-                 client_id: str | None = None, keepalive_s: int = 30) -> None:
+                 client_id: str | None = None, keepalive_s: int = 30,
+                 protocol: MQTTProtocolVersion = mqtt.MQTTv5) -> None:
+        if protocol not in (mqtt.MQTTv5, mqtt.MQTTv311):
+            raise ConfigError("protocol is mqtt.MQTTv5 or mqtt.MQTTv311")
         self.host, self.port = host, port
+        self._protocol = protocol
         self._filters = list(filters)
         self._handler = on_message
         self._subscribed = threading.Event()
         self._sub_mid: int | None = None
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2,
                                    client_id=client_id or f"sensorseal-{secrets.token_hex(6)}",
-                                   protocol=mqtt.MQTTv5)
+                                   protocol=protocol)
         if username is not None:
             self._client.username_pw_set(username, password)
         if tls_ca is not None:
@@ -266,8 +270,11 @@ class MqttSession:
             log.exception("error while handling a message")
 
     def start(self, timeout: float = 10.0) -> None:
-        self._client.connect_async(self.host, self.port, keepalive=self._keepalive,
-                                   clean_start=True)
+        if self._protocol == mqtt.MQTTv5:
+            self._client.connect_async(self.host, self.port, keepalive=self._keepalive,
+                                       clean_start=True)
+        else:  # MQTT 3.1.1: clean_session (paho's default for a 3.1.1 client) is set already
+            self._client.connect_async(self.host, self.port, keepalive=self._keepalive)
         self._client.loop_start()
         if not self._subscribed.wait(timeout):
             raise ConfigError(f"could not connect and subscribe to {self.host}:{self.port}")
@@ -326,14 +333,15 @@ class CommandSender:
 
     def __init__(self, link: CloudLink, host: str, port: int, *, username: str | None = None,
                  password: str | None = None, tls_ca: str | None = None,
-                 audit: Store | None = None) -> None:
+                 audit: Store | None = None, protocol: MQTTProtocolVersion = mqtt.MQTTv5) -> None:
         self._link = link
         self._audit = audit
         self._pending: dict[str, tuple[DeviceId, Future[Ack]]] = {}
         self._lock = threading.Lock()
         self.stats = CloudStats()
         self._session = MqttSession(host, port, [f"{topics.PREFIX}/+/acks"], self._on_ack,
-                                    username=username, password=password, tls_ca=tls_ca)
+                                    username=username, password=password, tls_ca=tls_ca,
+                                    protocol=protocol)
 
     def start(self, timeout: float = 10.0) -> CommandSender:
         self._session.start(timeout)

@@ -70,7 +70,7 @@ _SERVICE_PUBLISH = re.compile(_ANY_DEVICE + r"(commands|rpc/request)")
 _SERVICE_RECEIVE = re.compile(_ANY_DEVICE + r"(telemetry|state|acks|rpc/response/[0-9a-f]{1,64})")
 _SERVICE_SUBSCRIBE = re.compile(
     r"(\$share/[^/+#]+/)?sensorseal/\+/(telemetry|state|acks)"
-    r"|sensorseal/\+/rpc/response/#")
+    r"|sensorseal/\+/rpc/response/(#|\+)")
 
 
 class TopicAction(StrEnum):

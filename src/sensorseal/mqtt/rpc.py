@@ -32,6 +32,9 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTProtocolVersion
+
 from sensorseal.core.errors import Rejected, RejectReason
 from sensorseal.core.ids import DeviceId
 from sensorseal.mqtt import topics
@@ -175,7 +178,7 @@ class RpcClient:
 
     def __init__(self, link: CloudLink, host: str, port: int, *, username: str | None = None,
                  password: str | None = None, tls_ca: str | None = None,
-                 audit: Store | None = None) -> None:
+                 audit: Store | None = None, protocol: MQTTProtocolVersion = mqtt.MQTTv5) -> None:
         self._link = link
         self._audit = audit
         self._pending: dict[str, tuple[DeviceId, Future[Any]]] = {}
@@ -183,7 +186,7 @@ class RpcClient:
         self.stats = CloudStats()
         self._session = MqttSession(host, port, [f"{topics.PREFIX}/+/rpc/response/+"],
                                     self._on_response, username=username, password=password,
-                                    tls_ca=tls_ca)
+                                    tls_ca=tls_ca, protocol=protocol)
 
     def start(self, timeout: float = 10.0) -> RpcClient:
         self._session.start(timeout)

@@ -18,6 +18,11 @@ pipeline, which opens, checks and stores it. What the worker adds is delivery di
 - If the store is unavailable, nothing is acknowledged; the batch is retried with backoff.
 - No single message can stop the worker: every failure is turned into a rejection or a retry.
 
+`shared=False` is for brokers without MQTT 5 (the embedded amqtt broker speaks 3.1.1 only and
+has no shared subscriptions): the worker then connects with MQTT 3.1.1 (a persistent session,
+clean_session=False, and no MQTT 5 properties) and subscribes to the plain
+`sensorseal/+/<kind>` filters, so exactly ONE such worker may run per broker.
+
 The client is paho-mqtt with its network loop in its own thread and the pipeline in a second
 thread, so the connection (keep-alive, PUBACKs) is served while a batch commits. Against plain
 paho -> plain subscriber it reaches about the same rate at QoS 1 and 60-70% at QoS 0 on a
@@ -112,6 +117,7 @@ class _Item:
     payload: bytes
     mid: int
     qos: int
+    connection: int = 0  # which connection delivered it: a PUBACK is only valid on that one
 
 
 def _claimed_kid(data: bytes) -> bytes | None:
@@ -150,6 +156,7 @@ class IngestWorker:
                  session_expiry_s: int = 3600, keepalive_s: int = 30,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+                 shared: bool = True,
                  ) -> None:
         if qos not in (0, 1):
             raise ConfigError("the worker subscribes at QoS 0 or 1")
@@ -172,15 +179,22 @@ class IngestWorker:
         self.source = f"mqtt://{host}:{port}"
         self.stats = WorkerStats()
         self._inbox: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._connection = 0  # bumped on every CONNACK (paho network thread)
         self._stopping = threading.Event()
         self._connected = threading.Event()
         self._processor: threading.Thread | None = None
         self._session_expiry = session_expiry_s
         self._keepalive = keepalive_s
+        self.shared = shared
 
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2,
-                                   client_id=client_id or f"{group}-{uuid.uuid4().hex[:12]}",
-                                   protocol=mqtt.MQTTv5, manual_ack=True)
+        cid = client_id or f"{group}-{uuid.uuid4().hex[:12]}"
+        if shared:
+            self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid,
+                                       protocol=mqtt.MQTTv5, manual_ack=True)
+        else:  # MQTT 3.1.1: a persistent session keeps unacknowledged messages across reconnects
+            self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid,
+                                       protocol=mqtt.MQTTv311, clean_session=False,
+                                       manual_ack=True)
         if username is not None:
             self._client.username_pw_set(username, password)
         if tls_ca is not None:
@@ -201,9 +215,19 @@ class IngestWorker:
             log.warning("ingest worker: broker refused the connection (%s)", reason)
             return
         self.stats.connects += 1
+        # Without a resumed session, messages still in hand from the previous connection are
+        # processed (copies are idempotent) but not acknowledged on this one: their packet ids
+        # belonged to a session the broker no longer has. A resumed session keeps its ids.
+        if not getattr(_flags, "session_present", False):
+            self._connection += 1
         set_nodelay(client)
-        client.subscribe([(topics.shared(self.group, kind), self.qos) for kind in self.kinds])
+        client.subscribe([(self._filter(kind), self.qos) for kind in self.kinds])
         self._connected.set()
+
+    def _filter(self, kind: str) -> str:
+        if self.shared:
+            return topics.shared(self.group, kind)
+        return f"{topics.PREFIX}/+/{kind}"
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any,
                        reason: Any, _props: Any) -> None:
@@ -216,18 +240,21 @@ class IngestWorker:
             topic = msg.topic
         except UnicodeDecodeError:
             topic = ""  # not UTF-8: off-layout, rejected as malformed
-        self._inbox.put(_Item(topic, bytes(msg.payload), msg.mid, msg.qos))
+        self._inbox.put(_Item(topic, bytes(msg.payload), msg.mid, msg.qos, self._connection))
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self, *, wait_s: float = 10.0) -> None:
         """Connect, subscribe and start processing in background threads."""
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self._session_expiry
-        props.ReceiveMaximum = _RECEIVE_MAXIMUM
         self._stopping.clear()
-        self._client.connect(self.host, self.port, keepalive=self._keepalive,
-                             clean_start=False, properties=props)
+        if self.shared:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self._session_expiry
+            props.ReceiveMaximum = _RECEIVE_MAXIMUM
+            self._client.connect(self.host, self.port, keepalive=self._keepalive,
+                                 clean_start=False, properties=props)
+        else:
+            self._client.connect(self.host, self.port, keepalive=self._keepalive)
         self._client.loop_start()
         self._processor = threading.Thread(target=self._process_forever,
                                            name=f"ingest-{self.group}", daemon=True)
@@ -395,9 +422,10 @@ class IngestWorker:
 
     def _ack(self, batch: list[_Item]) -> None:
         ack = self._client.ack
+        current = self._connection
         n = 0
         for it in batch:
-            if it.qos:
+            if it.qos and it.connection == current:
                 ack(it.mid, it.qos)
                 n += 1
         self.stats.acked += n

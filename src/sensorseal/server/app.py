@@ -22,7 +22,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import cbor2
@@ -41,7 +41,9 @@ from sensorseal.server.pipeline import IngestUnavailable, Pipeline, RegistryView
 from sensorseal.store.base import AuditEvent, DeviceRecord, Store, TelemetryRow
 
 if TYPE_CHECKING:
+    from sensorseal.mqtt.embedded import BrokerAuth
     from sensorseal.server.console import Console
+    from sensorseal.updates.server import UpdateService
 
 __all__ = ["MESSAGES_ROUTE", "create_app"]
 
@@ -206,12 +208,20 @@ def _device_param(raw: str) -> DeviceId:
 
 def create_app(pipeline: Pipeline, registry: RegistryView, store: Store, *,
                token_check: Callable[[str], bool], max_body: int = 1_048_576,
-               max_batch: int = 10_000, console: bool | Console = False) -> Starlette:
+               max_batch: int = 10_000, console: bool | Console = False,
+               broker_auth: BrokerAuth | None = None,
+               extra_routes: Sequence[BaseRoute] = (),
+               updates: UpdateService | None = None) -> Starlette:
     """Build the Starlette app. `token_check` compares an operator token in constant time.
 
     `registry` is accepted for the routes that will change devices; reads go to `store`.
     `console=True` (or a prepared `Console`) adds the web console, its JSON API, stored
     policies enforced at ingest, /metrics, /openapi.json and /docs (sensorseal.server.console).
+    `broker_auth` mounts /mqtt/auth/{user,acl,superuser} for an external broker's HTTP auth
+    backend (sensorseal.mqtt.broker_auth, docs/brokers.md).
+    `extra_routes` are mounted as given: the Cloud IoT Core HTTP bridge under /v1/projects/...
+    (sensorseal.server.iotcore_service), which authenticates devices by their JWT itself.
+    `updates` adds the update distribution routes under /v1/updates (sensorseal.updates.server).
     """
     extra: list[BaseRoute] = []
     middleware: list[Middleware] = []
@@ -378,5 +388,14 @@ def create_app(pipeline: Pipeline, registry: RegistryView, store: Store, *,
     routes += compat_routes(compat_registry, store, operator=operator)
     if gateways is not None:
         routes += gateway_routes(gateways, pipeline)
+    if updates is not None:
+        from sensorseal.updates.server import update_routes
+
+        routes += update_routes(updates, pipeline, opener_for=direct)
+    if broker_auth is not None:
+        from sensorseal.mqtt.broker_auth import broker_auth_routes
+
+        routes += broker_auth_routes(broker_auth.check_login, broker_auth.check_topic)
+    routes += extra_routes
     return Starlette(routes=routes, middleware=middleware,
                      exception_handlers={HTTPException: http_error, Exception: server_error})

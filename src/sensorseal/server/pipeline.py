@@ -58,6 +58,16 @@ class RegistryView(Protocol):
     def root_secret(self, device_id: DeviceId, epoch: int) -> bytes | None: ...
 
 
+def _database_down(exc: BaseException) -> bool:
+    """True for the errors a store raises while its database is unreachable or restarting
+    (sqlite3 operational errors, any psycopg/psycopg_pool error, OS-level errors)."""
+    import sqlite3
+
+    if isinstance(exc, sqlite3.OperationalError | OSError | TimeoutError):
+        return True
+    return type(exc).__module__.split(".")[0] in ("psycopg", "psycopg_pool")
+
+
 class IngestUnavailable(Exception):
     """The store could not record a batch. Nothing was accepted or struck; the sender may retry.
 
@@ -359,9 +369,14 @@ class Pipeline:
                                          exc.detail))
                 rejected.append(exc.reason)
                 continue
-            except Exception:
-                # Not a rejection: a bug in the core or a failing registry/keystore. Never let
-                # one item take the batch down; the traceback stays in our log only.
+            except Exception as exc:
+                if _database_down(exc):
+                    # The registry could not be read: nothing is wrong with the message. Fail
+                    # the whole batch (nothing was recorded) so the sender retries it later.
+                    self.stats.store_failures += 1
+                    raise IngestUnavailable("the store could not be read") from exc
+                # Not a rejection: a bug in the core or a failing keystore. Never let one item
+                # take the batch down; the traceback stays in our log only.
                 log.exception("internal error while opening a message from %s (%s)",
                               source, transport)
                 hex_id = None if last[0] is None else last[0].hex()

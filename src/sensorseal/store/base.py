@@ -30,6 +30,10 @@ __all__ = [
     "EpochInfo",
     "GatewayRecord",
     "GatewayStore",
+    "IotCoreConfigRow",
+    "IotCoreDevice",
+    "IotCoreKeyRow",
+    "IotCoreStore",
     "KeyLifecycleStore",
     "LegacyCredential",
     "NetworkRecord",
@@ -38,6 +42,10 @@ __all__ = [
     "SessionRow",
     "Store",
     "TelemetryRow",
+    "UpdateDeviceRow",
+    "UpdateManifestRow",
+    "UpdateRolloutRow",
+    "UpdateStore",
 ]
 
 
@@ -467,3 +475,178 @@ class GatewayStore(Protocol):
     def device_assignment(self, device_id: DeviceId) -> Assignment | None: ...
 
     def network_assignments(self, network_id: bytes) -> list[Assignment]: ...
+
+
+# -- drop-in endpoints: Cloud IoT Core devices and EVA ICS keys (migration 0007) ------------------
+# A separate protocol (like ConsoleStore) so that a back end without it still satisfies `Store`.
+
+
+class IotCoreDevice(NamedTuple):
+    """A sensorseal device bound to its Cloud IoT Core name. `counter_field`: the integer JSON
+    field every event must carry (replay window), None for server-assigned sequence numbers."""
+
+    device_id: DeviceId
+    path: str  # projects/{p}/locations/{r}/registries/{reg}/devices/{d}
+    short_name: str  # {d}: unique, since broker topics name only this part
+    counter_field: str | None
+    created_ms: int
+
+
+class IotCoreKeyRow(NamedTuple):
+    """A registered public key (PEM public key or certificate, as uploaded); public material."""
+
+    key_id: int
+    device_id: DeviceId
+    alg: str  # RS256 | ES256
+    pem: str
+    expires_ms: int | None
+    added_ms: int
+
+
+class IotCoreConfigRow(NamedTuple):
+    """The latest config of a device; `change_id` orders every config write of the store."""
+
+    device_id: DeviceId
+    version: int
+    data: bytes
+    change_id: int
+    updated_ms: int
+
+
+class IotCoreStore(Protocol):
+    """What sensorseal.server.iotcore_service / eva_service and the registry's calls need."""
+
+    def add_iotcore_device(self, record: DeviceRecord, binding: IotCoreDevice) -> None:
+        """Insert the device row (no native secret) and its binding in one transaction.
+        DeviceExists if the id, the path or the short name is taken."""
+        ...
+
+    def iotcore_device(self, path: str) -> IotCoreDevice | None: ...
+
+    def iotcore_device_of(self, device_id: DeviceId) -> IotCoreDevice | None: ...
+
+    def add_iotcore_key(self, device_id: DeviceId, alg: str, pem: str, expires_ms: int | None,
+                        added_ms: int) -> int | None:
+        """Store a key; its id, or None if the device already has this exact PEM."""
+        ...
+
+    def iotcore_keys(self, device_id: DeviceId) -> list[IotCoreKeyRow]:
+        """Oldest first."""
+        ...
+
+    def remove_iotcore_key(self, device_id: DeviceId, key_id: int) -> bool: ...
+
+    def put_iotcore_config(self, device_id: DeviceId, data: bytes, now_ms: int) -> int:
+        """Store a new config (version = previous + 1, a fresh change id); returns the version."""
+        ...
+
+    def iotcore_config(self, device_id: DeviceId) -> IotCoreConfigRow | None: ...
+
+    def iotcore_configs_after(self, change_id: int, *,
+                              limit: int = 500) -> list[IotCoreConfigRow]:
+        """Configs written after `change_id`, in change order."""
+        ...
+
+    def add_eva_key(self, key_id: str, wrapped: bytes, now_ms: int) -> bool:
+        """False if the key id exists."""
+        ...
+
+    def eva_key(self, key_id: str) -> bytes | None:
+        """The wrapped API key, or None."""
+        ...
+
+    def list_eva_keys(self) -> list[tuple[str, int]]:
+        """(key id, created_ms), by key id."""
+        ...
+
+    def remove_eva_key(self, key_id: str) -> bool: ...
+
+
+# -- signed updates: images, manifests, rollouts (migration 0006; see sensorseal.updates) --------
+# A separate protocol (like ConsoleStore) so that a back end without it still satisfies `Store`.
+
+
+class UpdateManifestRow(NamedTuple):
+    """A manifest the server created (`payload`, canonical CBOR) and, once imported, its signed
+    form and reference (`sensorseal.updates.manifest.manifest_ref`)."""
+
+    seq: int
+    device_class: str
+    image_version: int
+    image_sha256: bytes
+    payload: bytes
+    signed: bytes | None
+    manifest_ref: str | None
+    created_ms: int
+
+
+class UpdateRolloutRow(NamedTuple):
+    rollout_id: str
+    manifest_seq: int
+    manifest_ref: str
+    image_version: int
+    device_class: str
+    target: str  # for people: "devices", "group lab", "group lab 10%"
+    created_ms: int
+
+
+class UpdateDeviceRow(NamedTuple):
+    """Where one device of a rollout is (sensorseal.updates.rollout.DeviceRecord, flattened)."""
+
+    device_id: DeviceId
+    state: str  # pending | offered | downloading | verified | installed | failed
+    reason: str | None
+    offset: int
+    attempts: int
+    updated_ms: int
+    revision: int
+
+
+class UpdateStore(Protocol):
+    """What sensorseal.updates.server needs. Every method is one statement or one transaction."""
+
+    def put_image(self, sha256: bytes, data: bytes, created_ms: int) -> bool:
+        """Store an image under its SHA-256 (the caller computed it); False if it was there."""
+        ...
+
+    def get_image(self, sha256: bytes) -> bytes | None: ...
+
+    def add_manifest(self, row: UpdateManifestRow) -> None:
+        """ConfigError if the sequence number is taken or the image is unknown."""
+        ...
+
+    def get_manifest(self, seq: int) -> UpdateManifestRow | None: ...
+
+    def max_manifest_seq(self) -> int:
+        """The highest manifest sequence number stored, 0 if none."""
+        ...
+
+    def set_signed_manifest(self, seq: int, signed: bytes, manifest_ref: str) -> bool:
+        """Attach the signed form; False if there is no such manifest."""
+        ...
+
+    def add_rollout(self, row: UpdateRolloutRow, devices: Sequence[UpdateDeviceRow]) -> None:
+        """Insert the rollout and its devices in one transaction; ConfigError if the id is
+        taken or a device is unknown."""
+        ...
+
+    def get_rollout(self, rollout_id: str) -> UpdateRolloutRow | None: ...
+
+    def list_rollouts(self, *, limit: int = 100) -> list[UpdateRolloutRow]:
+        """Newest first."""
+        ...
+
+    def rollout_device(self, rollout_id: str, device_id: DeviceId) -> UpdateDeviceRow | None: ...
+
+    def rollout_devices(self, rollout_id: str) -> list[UpdateDeviceRow]:
+        """By device id."""
+        ...
+
+    def replace_rollout_device(self, rollout_id: str, row: UpdateDeviceRow, *,
+                               expect_revision: int) -> bool:
+        """Compare-and-set: write `row` only if the stored revision is `expect_revision`."""
+        ...
+
+    def open_rollouts_of(self, device_id: DeviceId) -> list[str]:
+        """Rollouts where the device is neither installed nor failed, newest first."""
+        ...

@@ -42,12 +42,18 @@ from sensorseal.store.base import (
     DeviceStatus,
     EpochInfo,
     GatewayRecord,
+    IotCoreConfigRow,
+    IotCoreDevice,
+    IotCoreKeyRow,
     LegacyCredential,
     NetworkRecord,
     OperatorRow,
     PublicKeyRow,
     SessionRow,
     TelemetryRow,
+    UpdateDeviceRow,
+    UpdateManifestRow,
+    UpdateRolloutRow,
 )
 
 __all__ = ["MEMORY", "SQLiteStore", "migrations"]
@@ -896,6 +902,208 @@ class SQLiteStore:
                                 (bytes(network_id),)).fetchall()
         return [_assignment(r) for r in rows]
 
+    # -- signed updates (migration 0006; see UpdateStore) -------------------------------------
+
+    def put_image(self, sha256: bytes, data: bytes, created_ms: int) -> bool:
+        with self._write() as conn:
+            cur = conn.execute("INSERT INTO update_images (sha256, size, data, created_ms)"
+                               " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                               (bytes(sha256), len(data), bytes(data), created_ms))
+            return cur.rowcount == 1
+
+    def get_image(self, sha256: bytes) -> bytes | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT data FROM update_images WHERE sha256 = ?",
+                               (bytes(sha256),)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def add_manifest(self, row: UpdateManifestRow) -> None:
+        with self._write() as conn:
+            try:
+                conn.execute("INSERT INTO update_manifests (seq, device_class, image_version,"
+                             " image_sha256, payload, signed, manifest_ref, created_ms)"
+                             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (row.seq, row.device_class, row.image_version,
+                              bytes(row.image_sha256), bytes(row.payload), row.signed,
+                              row.manifest_ref, row.created_ms))
+            except sqlite3.IntegrityError as exc:
+                raise ConfigError(f"cannot add manifest {row.seq}: {exc}") from None
+
+    def get_manifest(self, seq: int) -> UpdateManifestRow | None:
+        with self._read() as conn:
+            row = conn.execute(_SELECT_MANIFEST + " WHERE seq = ?", (seq,)).fetchone()
+        return None if row is None else _manifest_row(row)
+
+    def max_manifest_seq(self) -> int:
+        with self._read() as conn:
+            (top,) = conn.execute("SELECT coalesce(max(seq), 0) FROM update_manifests").fetchone()
+        return int(top)
+
+    def set_signed_manifest(self, seq: int, signed: bytes, manifest_ref: str) -> bool:
+        with self._write() as conn:
+            cur = conn.execute("UPDATE update_manifests SET signed = ?, manifest_ref = ?"
+                               " WHERE seq = ?", (bytes(signed), manifest_ref, seq))
+            return cur.rowcount == 1
+
+    def add_rollout(self, row: UpdateRolloutRow, devices: Sequence[UpdateDeviceRow]) -> None:
+        with self._write() as conn:
+            try:
+                conn.execute("INSERT INTO update_rollouts (rollout_id, manifest_seq, manifest_ref,"
+                             " image_version, device_class, target, created_ms)"
+                             " VALUES (?, ?, ?, ?, ?, ?, ?)", tuple(row))
+                conn.executemany(_INSERT_ROLLOUT_DEVICE,
+                                 [(row.rollout_id, *_update_device_params(d)) for d in devices])
+            except sqlite3.IntegrityError as exc:
+                raise ConfigError(f"cannot add rollout {row.rollout_id!r:.60}: {exc}") from None
+
+    def get_rollout(self, rollout_id: str) -> UpdateRolloutRow | None:
+        with self._read() as conn:
+            row = conn.execute(_SELECT_ROLLOUT + " WHERE rollout_id = ?",
+                               (rollout_id,)).fetchone()
+        return None if row is None else UpdateRolloutRow(*row)
+
+    def list_rollouts(self, *, limit: int = 100) -> list[UpdateRolloutRow]:
+        with self._read() as conn:
+            rows = conn.execute(_SELECT_ROLLOUT + " ORDER BY created_ms DESC, rollout_id"
+                                " LIMIT ?", (limit,)).fetchall()
+        return [UpdateRolloutRow(*r) for r in rows]
+
+    def rollout_device(self, rollout_id: str, device_id: DeviceId) -> UpdateDeviceRow | None:
+        with self._read() as conn:
+            row = conn.execute(_SELECT_ROLLOUT_DEVICE + " WHERE rollout_id = ? AND device_id = ?",
+                               (rollout_id, bytes(device_id))).fetchone()
+        return None if row is None else _update_device(row)
+
+    def rollout_devices(self, rollout_id: str) -> list[UpdateDeviceRow]:
+        with self._read() as conn:
+            rows = conn.execute(_SELECT_ROLLOUT_DEVICE + " WHERE rollout_id = ?"
+                                " ORDER BY device_id", (rollout_id,)).fetchall()
+        return [_update_device(r) for r in rows]
+
+    def replace_rollout_device(self, rollout_id: str, row: UpdateDeviceRow, *,
+                               expect_revision: int) -> bool:
+        with self._write() as conn:
+            cur = conn.execute("UPDATE update_rollout_devices SET state = ?, reason = ?,"
+                               " offset_bytes = ?, attempts = ?, updated_ms = ?, revision = ?"
+                               " WHERE rollout_id = ? AND device_id = ? AND revision = ?",
+                               (row.state, row.reason, row.offset, row.attempts, row.updated_ms,
+                                row.revision, rollout_id, bytes(row.device_id),
+                                expect_revision))
+            return cur.rowcount == 1
+
+    def open_rollouts_of(self, device_id: DeviceId) -> list[str]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT r.rollout_id FROM update_rollout_devices d"
+                                " JOIN update_rollouts r ON r.rollout_id = d.rollout_id"
+                                " WHERE d.device_id = ? AND d.state NOT IN ('installed', 'failed')"
+                                " ORDER BY r.created_ms DESC, r.rollout_id",
+                                (bytes(device_id),)).fetchall()
+        return [str(r[0]) for r in rows]
+
+    # -- drop-in endpoints (migration 0007): Cloud IoT Core devices, keys, configs; EVA keys --
+
+    def add_iotcore_device(self, record: DeviceRecord, binding: IotCoreDevice) -> None:
+        with self._write() as conn:
+            try:
+                conn.execute("INSERT INTO devices (id, name, status, epoch, policy, created_ms,"
+                             " last_seen_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (bytes(record.device_id), record.name, record.status.value,
+                              record.epoch, record.policy, record.created_ms,
+                              record.last_seen_ms))
+                conn.execute("INSERT INTO iotcore_devices (device_id, path, short_name,"
+                             " counter_field, created_ms) VALUES (?, ?, ?, ?, ?)",
+                             (bytes(binding.device_id), binding.path, binding.short_name,
+                              binding.counter_field, binding.created_ms))
+            except sqlite3.IntegrityError as exc:
+                if "UNIQUE" in str(exc):
+                    raise DeviceExists(f"device {record.device_id} or IoT Core device "
+                                       f"{binding.short_name!r:.60} exists") from None
+                raise ConfigError(f"invalid IoT Core device: {exc}") from None
+
+    def iotcore_device(self, path: str) -> IotCoreDevice | None:
+        with self._read() as conn:
+            row = conn.execute(_SELECT_IOTCORE + " WHERE path = ?", (path,)).fetchone()
+        return None if row is None else IotCoreDevice(DeviceId(row[0]), *row[1:])
+
+    def iotcore_device_of(self, device_id: DeviceId) -> IotCoreDevice | None:
+        with self._read() as conn:
+            row = conn.execute(_SELECT_IOTCORE + " WHERE device_id = ?",
+                               (bytes(device_id),)).fetchone()
+        return None if row is None else IotCoreDevice(DeviceId(row[0]), *row[1:])
+
+    def add_iotcore_key(self, device_id: DeviceId, alg: str, pem: str, expires_ms: int | None,
+                        added_ms: int) -> int | None:
+        with self._write() as conn:
+            cur = conn.execute("INSERT INTO iotcore_keys (device_id, alg, pem, expires_ms,"
+                               " added_ms) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                               (bytes(device_id), alg, pem, expires_ms, added_ms))
+            return cur.lastrowid if cur.rowcount == 1 else None
+
+    def iotcore_keys(self, device_id: DeviceId) -> list[IotCoreKeyRow]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT id, device_id, alg, pem, expires_ms, added_ms"
+                                " FROM iotcore_keys WHERE device_id = ? ORDER BY id",
+                                (bytes(device_id),)).fetchall()
+        return [IotCoreKeyRow(r[0], DeviceId(r[1]), *r[2:]) for r in rows]
+
+    def remove_iotcore_key(self, device_id: DeviceId, key_id: int) -> bool:
+        with self._write() as conn:
+            cur = conn.execute("DELETE FROM iotcore_keys WHERE device_id = ? AND id = ?",
+                               (bytes(device_id), key_id))
+            return cur.rowcount == 1
+
+    def put_iotcore_config(self, device_id: DeviceId, data: bytes, now_ms: int) -> int:
+        dev = bytes(device_id)
+        with self._write() as conn:  # BEGIN IMMEDIATE: the max() below cannot race
+            (change,) = conn.execute("SELECT coalesce(max(change_id), 0) + 1"
+                                     " FROM iotcore_configs").fetchone()
+            row = conn.execute("SELECT version FROM iotcore_configs WHERE device_id = ?",
+                               (dev,)).fetchone()
+            version = 1 if row is None else int(row[0]) + 1
+            conn.execute("INSERT INTO iotcore_configs (device_id, version, data, change_id,"
+                         " updated_ms) VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE"
+                         " SET version = excluded.version, data = excluded.data,"
+                         " change_id = excluded.change_id, updated_ms = excluded.updated_ms",
+                         (dev, version, bytes(data), change, now_ms))
+            return version
+
+    def iotcore_config(self, device_id: DeviceId) -> IotCoreConfigRow | None:
+        with self._read() as conn:
+            row = conn.execute(_SELECT_IOTCORE_CONFIG + " WHERE device_id = ?",
+                               (bytes(device_id),)).fetchone()
+        return None if row is None else _iotcore_config(row)
+
+    def iotcore_configs_after(self, change_id: int, *,
+                              limit: int = 500) -> list[IotCoreConfigRow]:
+        with self._read() as conn:
+            rows = conn.execute(_SELECT_IOTCORE_CONFIG + " WHERE change_id > ?"
+                                " ORDER BY change_id LIMIT ?", (change_id, limit)).fetchall()
+        return [_iotcore_config(r) for r in rows]
+
+    def add_eva_key(self, key_id: str, wrapped: bytes, now_ms: int) -> bool:
+        with self._write() as conn:
+            cur = conn.execute("INSERT INTO eva_keys (key_id, wrapped, created_ms)"
+                               " VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                               (key_id, wrapped, now_ms))
+            return cur.rowcount == 1
+
+    def eva_key(self, key_id: str) -> bytes | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT wrapped FROM eva_keys WHERE key_id = ?",
+                               (key_id,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def list_eva_keys(self) -> list[tuple[str, int]]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT key_id, created_ms FROM eva_keys"
+                                " ORDER BY key_id").fetchall()
+        return [(str(k), int(c)) for k, c in rows]
+
+    def remove_eva_key(self, key_id: str) -> bool:
+        with self._write() as conn:
+            return conn.execute("DELETE FROM eva_keys WHERE key_id = ?",
+                                (key_id,)).rowcount == 1
+
 
 _SELECT_NETWORK = "SELECT id, name, alg, required_layers, created_ms FROM networks"
 _SELECT_ASSIGNMENT = "SELECT device_id, network_id, mode, assigned_ms FROM device_networks"
@@ -933,3 +1141,51 @@ def _legacy(row: Any) -> LegacyCredential:
 def _legacy_params(c: LegacyCredential) -> tuple[object, ...]:
     return (bytes(c.device_id), c.kind, c.external_id, c.wrapped, c.options, c.state,
             c.target_policy, c.created_ms)
+
+
+_SELECT_IOTCORE = (
+    "SELECT device_id, path, short_name, counter_field, created_ms FROM iotcore_devices"
+)
+_SELECT_IOTCORE_CONFIG = (
+    "SELECT device_id, version, data, change_id, updated_ms FROM iotcore_configs"
+)
+
+
+def _iotcore_config(row: Any) -> IotCoreConfigRow:
+    return IotCoreConfigRow(DeviceId(row[0]), int(row[1]), bytes(row[2]), int(row[3]),
+                            int(row[4]))
+
+
+_SELECT_MANIFEST = (
+    "SELECT seq, device_class, image_version, image_sha256, payload, signed, manifest_ref,"
+    " created_ms FROM update_manifests"
+)
+_SELECT_ROLLOUT = (
+    "SELECT rollout_id, manifest_seq, manifest_ref, image_version, device_class, target,"
+    " created_ms FROM update_rollouts"
+)
+_SELECT_ROLLOUT_DEVICE = (
+    "SELECT device_id, state, reason, offset_bytes, attempts, updated_ms, revision"
+    " FROM update_rollout_devices"
+)
+_INSERT_ROLLOUT_DEVICE = (
+    "INSERT INTO update_rollout_devices (rollout_id, device_id, state, reason, offset_bytes,"
+    " attempts, updated_ms, revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _manifest_row(row: Any) -> UpdateManifestRow:
+    seq, cls, version, sha, payload, signed, ref, created = row
+    return UpdateManifestRow(int(seq), str(cls), int(version), bytes(sha), bytes(payload),
+                             None if signed is None else bytes(signed), ref, int(created))
+
+
+def _update_device(row: Any) -> UpdateDeviceRow:
+    dev, state, reason, offset, attempts, updated, revision = row
+    return UpdateDeviceRow(DeviceId(dev), str(state), reason, int(offset), int(attempts),
+                           int(updated), int(revision))
+
+
+def _update_device_params(d: UpdateDeviceRow) -> tuple[object, ...]:
+    return (bytes(d.device_id), d.state, d.reason, d.offset, d.attempts, d.updated_ms,
+            d.revision)

@@ -269,7 +269,9 @@ def approve_manifest(data: bytes, signer: Signer, kid: bytes, alg: int, *,
     parsed = _parse(data)
     if parsed.tag != TAG_SIGN:
         raise ConfigError("only a manifest signed with for_approval=True can be approved")
-    _verify_role(parsed, trust.vendor, "vendor")
+    # An operator never approves what the vendor did not sign.
+    if _verify_role(parsed, trust.vendor, "vendor") is None:
+        raise UpdateRejected(UpdateReason.BAD_SIGNATURE, "no trusted vendor signature")
     sig = _cose_signature(parsed.payload, parsed.body_protected, signer, kid, alg)
     return cbor2.dumps(cbor2.CBORTag(TAG_SIGN, [
         parsed.body_protected, {}, parsed.payload,

@@ -302,3 +302,28 @@ def test_two_workers_far_out_of_order_lose_nothing_and_accept_no_replay(env: Env
     assert reasons(ingest(worker_b, late)) == [RejectReason.REPLAY]
     assert reasons(ingest(worker_b, sealed(cred, 600))) == [RejectReason.REPLAY]
     assert env.store.count_telemetry(cred.device_id) == 202
+
+
+def test_registry_outage_fails_the_batch_for_a_retry(env: Env) -> None:
+    """A database error while looking a device up is not the message's fault: the batch is
+    refused as unavailable (the sender retries), not recorded as malformed."""
+    import sqlite3
+
+    from sensorseal.server.pipeline import IngestUnavailable
+
+    cred = env.registry.add_device("outage", "standard")
+    pipeline = env.new_pipeline()
+    real_find = env.registry.find
+
+    def broken(device_id: object) -> object:
+        raise sqlite3.OperationalError("database is locked")
+
+    env.registry.find = broken  # type: ignore[method-assign,assignment]
+    try:
+        with pytest.raises(IngestUnavailable):
+            pipeline.ingest([(sealed(cred, 1), ROUTE)], transport="test", source="t")
+    finally:
+        env.registry.find = real_find  # type: ignore[method-assign]
+    assert env.store.events(reason="malformed") == []
+    assert [r.ok for r in pipeline.ingest([(sealed(cred, 1), ROUTE)], transport="test",
+                                          source="t")] == [True]

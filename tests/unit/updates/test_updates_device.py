@@ -86,7 +86,7 @@ def test_refused_manifests_keep_the_current_version(tmp_path: Path, vendor: Key,
         assert dev.install(signed(vendor, image), Server(image), now_ms=NOW).status \
             is UpdateStatus.INSTALLED
     manifests = {
-        "wrong_signature": signed(vendor, image)[:-1] + b"\x00",
+        "wrong_signature": flip_last(signed(vendor, image)),
         "untrusted_key": signed(make_key(vendor.alg, b"stranger"), image),
         "wrong_class": signed(vendor, image, device_class="pump-v1"),
         "older": signed(vendor, image, version=0),
@@ -330,3 +330,8 @@ def test_result_dict_is_small_and_plain() -> None:
     assert r.as_dict() == {"status": "rolled_back", "running_version": 1, "manifest": "ab" * 16,
                            "reason": "health_check_failed", "manifest_seq": 5,
                            "image_version": 2, "detail": "health check returned false"}
+
+
+def flip_last(data: bytes) -> bytes:
+    """The last byte (inside the signature) changed: always a different byte."""
+    return data[:-1] + bytes([data[-1] ^ 1])

@@ -21,6 +21,7 @@ from sensorseal.server.console.admin import admin_routes
 from sensorseal.server.console.api import api_routes
 from sensorseal.server.console.auth import auth_routes
 from sensorseal.server.console.pages import page_routes
+from sensorseal.server.console.updates import update_page_routes
 from sensorseal.server.console.web import HERE, ConsoleContext
 from sensorseal.server.metrics import Metrics
 from sensorseal.server.openapi import openapi_routes
@@ -66,6 +67,7 @@ class Console:
         ctx = self.context
         routes: list[BaseRoute] = [
             *auth_routes(ctx), *page_routes(ctx), *admin_routes(ctx), *api_routes(ctx),
+            *update_page_routes(ctx),
             *self.metrics.routes(), *openapi_routes(),
             Mount("/console/static", app=StaticFiles(directory=HERE / "static"),
                   name="console-static"),
