@@ -22,7 +22,9 @@ sender, the envelope does). Until the device confirms, every delivery carries th
 KEK rotation (`rotate_kek`): blobs carry their KEK id, so a `Keyring` reads blobs of both KEKs
 while the re-wrap runs; the new KEK is written atomically next to the old one (`kek.next`), the
 old one is kept (`kek.old`) until every blob has moved, and a rotation interrupted half-way is
-resumed by running it again.
+resumed by running it again. Every KEK-wrapped blob moves, not only device root secrets: the
+E1 network keys, gateway secrets, legacy-device secrets and EVA API keys (`WrappedKind`), each
+unwrapped and re-wrapped with the same keystore binding (id, slot) its feature used.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from sensorseal.core.credential import DeviceCredential
 from sensorseal.core.errors import ConfigError
 from sensorseal.core.ids import DeviceId
 from sensorseal.core.renewal import Phase, RenewalState, make_offer
+from sensorseal.gateway.provision import NETWORK_EPOCH
 from sensorseal.keystore.base import Keystore
 from sensorseal.keystore.software import (
     KEK_ENV,
@@ -51,8 +54,22 @@ from sensorseal.keystore.software import (
     create_kek_file,
     load_kek,
 )
-from sensorseal.registry import DEFAULT_GRACE_MS, Registry
-from sensorseal.store.base import AuditEvent, DeviceRecord, KeyLifecycleStore, Store
+from sensorseal.registry import (
+    DEFAULT_GRACE_MS,
+    EVA_KEY_SLOT,
+    LEGACY_KEY_SLOT,
+    Registry,
+    eva_key_slot,
+)
+from sensorseal.store.base import (
+    AuditEvent,
+    DeviceRecord,
+    KekBlobStore,
+    KeyLifecycleStore,
+    Store,
+    WrappedBlob,
+    WrappedKind,
+)
 
 __all__ = [
     "DEFAULT_GRACE_MS",
@@ -333,7 +350,53 @@ def _fsync_dir(path: Path) -> None:
 
 def _rewrap_pass(keys: KeyLifecycleStore, ring: Keyring, new: SoftwareKeystore,
                  batch: int) -> tuple[int, int]:
-    """One pass over every wrapped secret: (re-wrapped, left behind by a concurrent change)."""
+    """One pass over every wrapped blob of every table: (re-wrapped, left behind by a
+    concurrent change)."""
+    moved, missed = _rewrap_device_secrets(keys, ring, new, batch)
+    for kind in WrappedKind:
+        done, left = _rewrap_kind(cast(KekBlobStore, keys), kind, ring, new, batch)
+        moved += done
+        missed += left
+    return moved, missed
+
+
+def _blob_binding(kind: WrappedKind, item: WrappedBlob) -> tuple[DeviceId, int]:
+    """The keystore (id, slot) a blob of `kind` was wrapped with; it must be unwrapped and
+    re-wrapped with the same, or the feature that reads it refuses it afterwards."""
+    if kind is WrappedKind.EVA:
+        return eva_key_slot(str(item.row)), EVA_KEY_SLOT  # registry.add_eva_key
+    if isinstance(item.row, str):
+        raise ConfigError(f"a {kind.value} row has a text key")
+    row_id = DeviceId(bytes(item.row))
+    if kind is WrappedKind.NETWORK:
+        return row_id, NETWORK_EPOCH  # gateway.provision.add_network
+    if kind is WrappedKind.GATEWAY:
+        return row_id, item.epoch  # gateway.provision.add_gateway: the gateway's epoch
+    return row_id, LEGACY_KEY_SLOT  # registry._wrap_legacy
+
+
+def _rewrap_kind(blobs: KekBlobStore, kind: WrappedKind, ring: Keyring,
+                 new: SoftwareKeystore, batch: int) -> tuple[int, int]:
+    moved = missed = 0
+    after: bytes | str | None = None
+    while True:
+        page = blobs.kek_blobs(kind, after=after, limit=batch)
+        if not page:
+            return moved, missed
+        for item in page:
+            if bytes(item.wrapped[1:5]).hex() == new.kek_id:
+                continue
+            bound_id, slot = _blob_binding(kind, item)
+            fresh = new.wrap(bound_id, slot, ring.unwrap(bound_id, slot, item.wrapped))
+            if blobs.replace_kek_blob(kind, item.row, item.epoch, item.wrapped, fresh):
+                moved += 1
+            else:
+                missed += 1  # replaced meanwhile: the next pass takes it
+        after = page[-1].row
+
+
+def _rewrap_device_secrets(keys: KeyLifecycleStore, ring: Keyring, new: SoftwareKeystore,
+                           batch: int) -> tuple[int, int]:
     moved = missed = 0
     after: tuple[DeviceId, int] | None = None
     while True:
@@ -355,7 +418,9 @@ def rotate_kek(data_dir: str | Path, store: Store, *, env: Mapping[str, str] = o
                batch: int = 500, max_passes: int = 5,
                clock_ms: Callable[[], int] = _wall_clock_ms,
                between: Callable[[], None] | None = None) -> KekRotation:
-    """Re-wrap every stored secret under a new KEK, device by device, while servers run.
+    """Re-wrap every stored secret under a new KEK, row by row, while servers run: device
+    secrets and every `WrappedKind` table (network keys, gateway secrets, legacy secrets, EVA
+    API keys).
 
     1. `kek.next` (new random KEK) is written atomically; a rotation that was interrupted finds
        it and resumes with it.
@@ -368,7 +433,7 @@ def rotate_kek(data_dir: str | Path, store: Store, *, env: Mapping[str, str] = o
     if KEK_ENV in env:
         raise ConfigError(f"the KEK comes from {KEK_ENV}; rotate it in your secret manager "
                           "(this command rotates the data directory's kek file)")
-    if not hasattr(store, "replace_secret"):
+    if not hasattr(store, "replace_secret") or not hasattr(store, "replace_kek_blob"):
         raise ConfigError("this store back end has no key lifecycle support")
     keys = cast(KeyLifecycleStore, store)
     path = Path(data_dir)

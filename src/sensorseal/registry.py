@@ -51,10 +51,20 @@ from sensorseal.store.base import (
     Store,
 )
 
-__all__ = ["DEFAULT_GRACE_MS", "EVA_KEY_SLOT", "FIRST_EPOCH", "IOTCORE_MAX_CONFIG", "LEGACY_EPOCH",
-           "MAX_NAME_LEN",
-           "LegacyDevice", "Registry", "signing_key_bytes",
-           "signing_key_from_bytes"]
+__all__ = [
+    "DEFAULT_GRACE_MS",
+    "EVA_KEY_SLOT",
+    "FIRST_EPOCH",
+    "IOTCORE_MAX_CONFIG",
+    "LEGACY_EPOCH",
+    "LEGACY_KEY_SLOT",
+    "MAX_NAME_LEN",
+    "LegacyDevice",
+    "Registry",
+    "eva_key_slot",
+    "signing_key_bytes",
+    "signing_key_from_bytes",
+]
 
 FIRST_EPOCH = 1
 DEFAULT_GRACE_MS = 24 * 3600 * 1000  # an old epoch stays valid this long after a rotation
@@ -124,6 +134,14 @@ def _check_policy(policy: str) -> str:
     if policy not in PRESETS:
         raise ConfigError(f"unknown policy {policy!r:.40} (known: {', '.join(sorted(PRESETS))})")
     return policy
+
+
+def eva_key_slot(key_id: str) -> DeviceId:
+    """The keystore AAD id an EVA API key is wrapped under (a hash of its key id): KEK
+    rotation needs it to unwrap and re-wrap the key with the same binding."""
+    if not isinstance(key_id, str) or not _EVA_KEY_ID.fullmatch(key_id):
+        raise ConfigError("an EVA key id is 1-64 of [A-Za-z0-9_.@:+=-]")
+    return DeviceId(hashlib.sha256(_EVA_LABEL + key_id.encode("ascii")).digest()[:12])
 
 
 class Registry:
@@ -555,9 +573,7 @@ class Registry:
 
     @staticmethod
     def _eva_slot(key_id: str) -> DeviceId:
-        if not isinstance(key_id, str) or not _EVA_KEY_ID.fullmatch(key_id):
-            raise ConfigError("an EVA key id is 1-64 of [A-Za-z0-9_.@:+=-]")
-        return DeviceId(hashlib.sha256(_EVA_LABEL + key_id.encode("ascii")).digest()[:12])
+        return eva_key_slot(key_id)
 
     def add_eva_key(self, key_id: str, api_key: str | None = None, *, actor: str = "cli",
                     transport: str = "cli") -> str | None:

@@ -19,6 +19,7 @@ from typing import NamedTuple, Protocol
 from sensorseal.core.ids import DeviceId
 
 __all__ = [
+    "KEK_BLOB_COLUMNS",
     "ApiTokenRow",
     "Assignment",
     "AuditEvent",
@@ -34,6 +35,7 @@ __all__ = [
     "IotCoreDevice",
     "IotCoreKeyRow",
     "IotCoreStore",
+    "KekBlobStore",
     "KeyLifecycleStore",
     "LegacyCredential",
     "NetworkRecord",
@@ -46,6 +48,8 @@ __all__ = [
     "UpdateManifestRow",
     "UpdateRolloutRow",
     "UpdateStore",
+    "WrappedBlob",
+    "WrappedKind",
 ]
 
 
@@ -336,6 +340,53 @@ class KeyLifecycleStore(Protocol):
 
     def replace_secret(self, device_id: DeviceId, epoch: int, old: bytes, new: bytes) -> bool:
         """Compare-and-swap one wrapped secret (False if it is no longer `old`)."""
+        ...
+
+
+# -- KEK rotation outside device_secrets --------------------------------------------------------
+# Other features keep KEK-wrapped blobs in their own tables; `sensorseal kek rotate` must move
+# them too, or they become unreadable once the old KEK is retired.
+
+
+class WrappedKind(StrEnum):
+    """A table (besides device_secrets) whose rows hold one blob wrapped under the KEK."""
+
+    NETWORK = "network"  # networks.wrapped_key (E1 link key)
+    GATEWAY = "gateway"  # gateways.wrapped_secret (the gateway's root secret of its epoch)
+    LEGACY = "legacy"    # legacy_credentials.wrapped (NULL for a hub without password: skipped)
+    EVA = "eva"          # eva_keys.wrapped (EVA ICS API key)
+
+
+# kind -> (table, key column, blob column, epoch expression): the same SQL in every back end.
+KEK_BLOB_COLUMNS: dict[WrappedKind, tuple[str, str, str, str]] = {
+    WrappedKind.NETWORK: ("networks", "id", "wrapped_key", "0"),
+    WrappedKind.GATEWAY: ("gateways", "id", "wrapped_secret", "epoch"),
+    WrappedKind.LEGACY: ("legacy_credentials", "device_id", "wrapped", "0"),
+    WrappedKind.EVA: ("eva_keys", "key_id", "wrapped", "0"),
+}
+
+
+class WrappedBlob(NamedTuple):
+    """One KEK-wrapped blob outside device_secrets. `row` is the row's primary key (an id's
+    bytes, or the EVA key id); `epoch` is the row's epoch column (gateways) or 0. The caller
+    knows which keystore AAD (id, slot) each kind was wrapped with."""
+
+    row: bytes | str
+    epoch: int
+    wrapped: bytes
+
+
+class KekBlobStore(Protocol):
+    """Keyset paging and compare-and-swap over the blobs of `WrappedKind` tables."""
+
+    def kek_blobs(self, kind: WrappedKind, *, after: bytes | str | None = None,
+                  limit: int = 500) -> list[WrappedBlob]:
+        """Non-NULL blobs of `kind`, ordered by row key, strictly after `after`."""
+        ...
+
+    def replace_kek_blob(self, kind: WrappedKind, row: bytes | str, epoch: int, old: bytes,
+                         new: bytes) -> bool:
+        """Compare-and-swap one blob (False if the row's blob or epoch is no longer that)."""
         ...
 
 

@@ -23,6 +23,7 @@ from psycopg_pool import PoolTimeout
 from sensorseal.core.errors import ConfigError
 from sensorseal.core.ids import DeviceId
 from sensorseal.store.base import (
+    KEK_BLOB_COLUMNS,
     ApiTokenRow,
     Assignment,
     AuditEvent,
@@ -36,6 +37,8 @@ from sensorseal.store.base import (
     OperatorRow,
     PublicKeyRow,
     SessionRow,
+    WrappedBlob,
+    WrappedKind,
 )
 
 __all__ = ["READ_RETRY_S", "PostgresFeatures", "reads_retry"]
@@ -346,6 +349,27 @@ class PostgresFeatures:
         return self._change("UPDATE device_secrets SET wrapped = %s WHERE device_id = %s"
                             " AND epoch = %s AND wrapped = %s",
                             (new, bytes(device_id), epoch, old)) == 1
+
+    # -- KEK rotation: blobs outside device_secrets (networks, gateways, legacy, EVA) ---------
+
+    def kek_blobs(self, kind: WrappedKind, *, after: bytes | str | None = None,
+                  limit: int = 500) -> list[WrappedBlob]:
+        table, key, blob, epoch = KEK_BLOB_COLUMNS[WrappedKind(kind)]
+        where = f"{blob} IS NOT NULL" + ("" if after is None else f" AND {key} > %s")
+        args: tuple[object, ...] = () if after is None else (after,)
+        # identifiers come from KEK_BLOB_COLUMNS only; values are parameters
+        sql = (f"SELECT {key}, {epoch}, {blob} FROM {table}"  # noqa: S608
+               f" WHERE {where} ORDER BY {key}")
+        rows = self._all(sql + " LIMIT %s", (*args, limit))
+        return [WrappedBlob(r if isinstance(r, str) else bytes(r), int(e), bytes(w))
+                for r, e, w in rows]
+
+    def replace_kek_blob(self, kind: WrappedKind, row: bytes | str, epoch: int, old: bytes,
+                         new: bytes) -> bool:
+        table, key, blob, epoch_expr = KEK_BLOB_COLUMNS[WrappedKind(kind)]
+        sql = (f"UPDATE {table} SET {blob} = %s WHERE {key} = %s"  # noqa: S608
+               f" AND {epoch_expr} = %s AND {blob} = %s")
+        return self._change(sql, (new, row, epoch, old)) == 1
 
     # -- compat (migration 0005) -----------------------------------------------------------
 

@@ -34,6 +34,7 @@ from typing import Any
 from sensorseal.core.errors import ConfigError
 from sensorseal.core.ids import DeviceId
 from sensorseal.store.base import (
+    KEK_BLOB_COLUMNS,
     ApiTokenRow,
     Assignment,
     AuditEvent,
@@ -54,6 +55,8 @@ from sensorseal.store.base import (
     UpdateDeviceRow,
     UpdateManifestRow,
     UpdateRolloutRow,
+    WrappedBlob,
+    WrappedKind,
 )
 
 __all__ = ["MEMORY", "SQLiteStore", "migrations"]
@@ -703,6 +706,30 @@ class SQLiteStore:
             cur = conn.execute("UPDATE device_secrets SET wrapped = ? WHERE device_id = ?"
                                " AND epoch = ? AND wrapped = ?",
                                (new, bytes(device_id), epoch, old))
+            return cur.rowcount == 1
+
+    # -- KEK rotation: blobs outside device_secrets (networks, gateways, legacy, EVA) ---------
+
+    def kek_blobs(self, kind: WrappedKind, *, after: bytes | str | None = None,
+                  limit: int = 500) -> list[WrappedBlob]:
+        table, key, blob, epoch = KEK_BLOB_COLUMNS[WrappedKind(kind)]
+        where = f"{blob} IS NOT NULL" + ("" if after is None else f" AND {key} > ?")
+        args: tuple[object, ...] = () if after is None else (after,)
+        with self._read() as conn:
+            # identifiers come from KEK_BLOB_COLUMNS only; values are parameters
+            sql = (f"SELECT {key}, {epoch}, {blob} FROM {table}"  # noqa: S608
+                   f" WHERE {where} ORDER BY {key}")
+            rows = conn.execute(sql + " LIMIT ?", (*args, limit)).fetchall()
+        return [WrappedBlob(r if isinstance(r, str) else bytes(r), int(e), bytes(w))
+                for r, e, w in rows]
+
+    def replace_kek_blob(self, kind: WrappedKind, row: bytes | str, epoch: int, old: bytes,
+                         new: bytes) -> bool:
+        table, key, blob, epoch_expr = KEK_BLOB_COLUMNS[WrappedKind(kind)]
+        with self._write() as conn:
+            sql = (f"UPDATE {table} SET {blob} = ? WHERE {key} = ?"  # noqa: S608
+                   f" AND {epoch_expr} = ? AND {blob} = ?")
+            cur = conn.execute(sql, (new, row, epoch, old))
             return cur.rowcount == 1
 
     # -- compat (migration 0005): legacy credentials, digests, hub uptime, hub commands --------
