@@ -421,6 +421,30 @@ def test_outbox_survives_a_device_restart_while_the_broker_is_down(
     dev2.close()
 
 
+def test_messages_routed_to_nobody_are_kept_and_sent_again(
+        broker: Broker, server: Server) -> None:
+    """With no ingest worker subscribed, Mosquitto PUBACKs with reason 0x10 (no matching
+    subscribers) and drops the message. The device must not count that as delivered."""
+    cred = server.registry.add_device("early")
+    dev = server.device(cred=cred)
+    md = MqttDevice(dev, broker.host, broker.port, outbox_path=server.tmp / "early.db").start()
+    try:
+        assert md.wait_connected(15)
+        for i in range(5):
+            md.publish_telemetry(b"early %d" % i)
+        wait_for(lambda: md.stats.not_routed >= 5, what="5 PUBACKs with reason 0x10")
+        assert len(md.outbox) == 5  # kept, not forgotten
+        worker = start_worker(server, broker)
+        with running(worker):
+            wait_for(lambda: server.store.count_telemetry() == 5, what="5 rows")
+            assert md.flush(15)
+        rows = sorted(server.store.telemetry(limit=10), key=lambda r: r.seq)
+        assert [r.payload for r in rows] == [b"early %d" % i for i in range(5)]
+    finally:
+        md.stop()
+        dev.close()
+
+
 def test_command_round_trip_and_downlink_replay(broker: Broker, server: Server) -> None:
     dev = server.device("valve")
     seen: list[bytes] = []

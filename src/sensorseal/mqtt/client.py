@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 
 CommandHandler = Callable[[bytes], bytes | None]
 _WINDOW = 500  # outbox entries handed to paho and not yet acknowledged
+_NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK reason: accepted, routed to nobody, dropped
+_NOT_ROUTED_PAUSE_S = 1.0  # wait this long before sending a not-routed message again
+_DELIVERED, _REFUSED, _NOT_ROUTED = 0, 1, 2  # PUBACK outcomes (paho thread -> pump thread)
 _SESSION_EXPIRY_S = 3600  # the broker keeps commands for an offline device this long
 
 
@@ -67,6 +70,7 @@ class DeviceStats:
     published: int = 0
     acked_by_broker: int = 0
     broker_refused: int = 0
+    not_routed: int = 0  # PUBACK 0x10: no subscriber yet; kept and sent again
     downlink_rejected: Counter[str] = field(default_factory=Counter)
     commands_executed: int = 0
     rpc_served: int = 0
@@ -121,12 +125,13 @@ class MqttDevice:
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._wake = threading.Event()
-        self._puback: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
+        self._puback: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
         self._downlink: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
         self._handed: dict[int, int] = {}  # paho mid -> outbox id (pump thread only)
         self._direct_lock = threading.Lock()
         self._direct: dict[int, tuple[str, bytes]] = {}  # paho mid -> QoS 1 sent directly
         self._last_handed = 0
+        self._resend_at = 0.0  # monotonic time before which the pump sends nothing
         self._threads: list[threading.Thread] = []
 
         if protocol not in (mqtt.MQTTv5, mqtt.MQTTv311):
@@ -275,7 +280,16 @@ class MqttDevice:
             log.info("device %s: disconnected (%s); reconnecting", self.device.device_id, reason)
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
-        self._puback.put((mid, not getattr(reason, "is_failure", False)))
+        if getattr(reason, "is_failure", False):
+            outcome = _REFUSED
+        elif getattr(reason, "value", 0) == _NO_MATCHING_SUBSCRIBERS:
+            # MQTT 5 reason 0x10: the broker took the message but routed it to nobody and
+            # dropped it (e.g. no ingest worker subscribed yet after a broker restart). paho
+            # counts it a success; for us it is not delivered: keep it and send it again.
+            outcome = _NOT_ROUTED
+        else:
+            outcome = _DELIVERED
+        self._puback.put((mid, outcome))
         if self._handed:  # outbox entries wait for this; direct ones are settled in batches
             self._wake.set()
 
@@ -301,18 +315,22 @@ class MqttDevice:
         done: list[int] = []
         while True:
             try:
-                mid, ok = self._puback.get_nowait()
+                mid, outcome = self._puback.get_nowait()
             except queue.Empty:
                 break
             entry_id = self._handed.pop(mid, None)
+            direct = None
             if entry_id is None:
                 with self._direct_lock:
                     direct = self._direct.pop(mid, None)
                 if direct is None:
                     continue  # a QoS 0 publish or an RPC response
-            else:
+            if outcome == _NOT_ROUTED:
+                self._not_routed(entry_id, direct)
+                continue
+            if entry_id is not None:
                 done.append(entry_id)
-            if ok:
+            if outcome == _DELIVERED:
                 self.stats.acked_by_broker += 1
             else:
                 # The broker refused the message (e.g. not authorized): retrying cannot help.
@@ -321,16 +339,38 @@ class MqttDevice:
                 log.warning("device %s: broker refused a message", self.device.device_id)
         if done:
             self.outbox.remove(done)
-        if not self._connected.is_set():
+        if not self._connected.is_set() or time.monotonic() < self._resend_at:
             return
         room = _WINDOW - len(self._handed)
         if room <= 0:
             return
-        for entry in self.outbox.pending(after_id=self._last_handed, limit=room):
+        in_flight = set(self._handed.values())
+        for entry in self.outbox.pending(after_id=self._last_handed, limit=room + len(in_flight)):
+            if entry.id in in_flight:
+                continue
             info = self._client.publish(entry.topic, entry.payload, qos=entry.qos)
             self._handed[info.mid] = entry.id
-            self._last_handed = entry.id
+            self._last_handed = max(self._last_handed, entry.id)
             self.stats.published += 1
+            room -= 1
+            if room <= 0:
+                break
+
+    def _not_routed(self, entry_id: int | None, direct: tuple[str, bytes] | None) -> None:
+        """A message the broker dropped for want of a subscriber: keep it in the outbox and send
+        it again after a pause (in order with what follows it)."""
+        self.stats.not_routed += 1
+        self.outbox.bump("not_routed")
+        if entry_id is None and direct is not None:
+            try:
+                entry_id = self.outbox.append(direct[0], direct[1], 1)
+            except OutboxFull:
+                log.warning("outbox full: a message the broker did not route was lost (counted)")
+                return
+        if entry_id is not None:
+            self._last_handed = min(self._last_handed, entry_id - 1)
+        self._resend_at = time.monotonic() + _NOT_ROUTED_PAUSE_S
+        self._wake.set()
 
     # -- downlink ------------------------------------------------------------------------------
 

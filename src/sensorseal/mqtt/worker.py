@@ -221,6 +221,11 @@ class IngestWorker:
         if not getattr(_flags, "session_present", False):
             self._connection += 1
         set_nodelay(client)
+        # Subscribe on every connect, resumed session or not: Mosquitto 2.0.11 restores a
+        # persistent session after a restart (session_present=1, unacknowledged messages
+        # re-sent) but not its shared subscriptions. Until this SUBSCRIBE arrives, the
+        # broker answers publishers "no matching subscribers" (PUBACK 0x10) and drops the
+        # message; without it the worker would never receive again.
         client.subscribe([(self._filter(kind), self.qos) for kind in self.kinds])
         self._connected.set()
 
