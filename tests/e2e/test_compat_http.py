@@ -7,12 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from server_process import ServerProcess
 
 from sensorseal.compat import valarm, waspmote
 from sensorseal.compat.waspmote import WaspmoteKey
@@ -60,40 +58,11 @@ class Setup:
         return {"Authorization": f"Bearer {self.token}"}
 
 
-class Server:
+class Server(ServerProcess):
     def __init__(self, data_dir: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sensorseal.server", "--data-dir", str(data_dir),
-             "--http-port", "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.output: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        marker = "sensorseal: serving on "
-        while True:
-            try:
-                line = self.lines.get(timeout=START_TIMEOUT_S)
-            except queue.Empty:
-                self.stop()
-                raise AssertionError("server did not start:\n" + "".join(self.output)) from None
-            if marker in line:
-                self.url = line.split(marker, 1)[1].split()[0]
-                return
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line)
-            self.lines.put(line)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        super().__init__([sys.executable, "-m", "sensorseal.server", "--data-dir",
+                          str(data_dir), "--http-port", "0"], _env(), START_TIMEOUT_S)
+        self.url = self.wait_for_url()
 
 
 def cli(setup: Setup, *args: str, stdin: str = "") -> str:

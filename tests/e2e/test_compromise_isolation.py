@@ -6,12 +6,8 @@ forge a message that lands as another device, nor replay anything of another dev
 from __future__ import annotations
 
 import os
-import queue
 import shutil
-import signal
-import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +16,7 @@ import cbor2
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from server_process import ServerProcess
 
 from sensorseal.core.attest import ALG_EDDSA, sign1, software_signer
 from sensorseal.core.context import SecurityContext
@@ -40,42 +37,12 @@ ROUTE = "/v1/messages"
 COSE = {"Content-Type": "application/cose"}
 
 
-class Server:
+class Server(ServerProcess):
     def __init__(self, data_dir: Path) -> None:
         env = {k: v for k, v in os.environ.items() if k != "SENSORSEAL_KEK"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sensorseal.server", "--data-dir", str(data_dir),
-             "--http-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=env)
-        lines: queue.Queue[str] = queue.Queue()
-        self.output: list[str] = []
-
-        def pump() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.output.append(line)
-                lines.put(line)
-
-        threading.Thread(target=pump, daemon=True).start()
-        marker = "sensorseal: serving on "
-        while True:
-            try:
-                line = lines.get(timeout=20)
-            except queue.Empty:
-                self.stop()
-                raise AssertionError("server did not start:\n" + "".join(self.output)) from None
-            if marker in line:
-                self.url = line.split(marker, 1)[1].split()[0]
-                return
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        super().__init__([sys.executable, "-m", "sensorseal.server", "--data-dir",
+                          str(data_dir), "--http-port", "0"], env)
+        self.url = self.wait_for_url()
 
 
 @dataclass

@@ -7,13 +7,9 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import queue
-import signal
 import socket
 import ssl
-import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from server_process import ServerProcess
 
 from sensorseal.core.credential import DeviceCredential
 from sensorseal.core.envelope import seal
@@ -74,45 +71,14 @@ def installation(tmp_path: Path) -> Installation:
     return Installation(path, token, cred)
 
 
-class Server:
+class Server(ServerProcess):
     """A server process; `url` once it announced that it serves."""
 
     def __init__(self, data_dir: Path, *extra: str) -> None:
         env = {k: v for k, v in os.environ.items() if k != "SENSORSEAL_KEK"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sensorseal.server", "--data-dir", str(data_dir),
-             "--http-port", "0", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.output: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.url = self._wait_for_url()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line)
-            self.lines.put(line)
-
-    def _wait_for_url(self) -> str:
-        marker = "sensorseal: serving on "
-        while True:
-            try:
-                line = self.lines.get(timeout=START_TIMEOUT_S)
-            except queue.Empty:
-                self.stop()
-                raise AssertionError("server did not start:\n" + "".join(self.output)) from None
-            if marker in line:
-                return line.split(marker, 1)[1].split()[0]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        super().__init__([sys.executable, "-m", "sensorseal.server", "--data-dir",
+                          str(data_dir), "--http-port", "0", *extra], env, START_TIMEOUT_S)
+        self.url = self.wait_for_url()
 
 
 @pytest.fixture

@@ -8,13 +8,10 @@ from __future__ import annotations
 import base64
 import json
 import os
-import queue
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
+from server_process import ServerProcess
 
 from sensorseal.core.attest import ALG_EDDSA, sign1, software_signer
 from sensorseal.core.credential import DeviceCredential
@@ -53,42 +51,13 @@ def cli(data: Path, *args: str, check: bool = True,
     return proc
 
 
-class Server:
+class Server(ServerProcess):
     """`python -m sensorseal.server` on a free port; `url` once it serves."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sensorseal.server", "--data-dir", str(data_dir),
-             "--http-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=clean_env())
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.output: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        marker = "sensorseal: serving on "
-        while True:
-            try:
-                line = self.lines.get(timeout=20)
-            except queue.Empty:
-                self.stop()
-                raise AssertionError("server did not start:\n" + "".join(self.output)) from None
-            if marker in line:
-                self.url = line.split(marker, 1)[1].split()[0]
-                return
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line)
-            self.lines.put(line)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        super().__init__([sys.executable, "-m", "sensorseal.server", "--data-dir",
+                          str(data_dir), "--http-port", "0"], clean_env())
+        self.url = self.wait_for_url()
 
 
 @dataclass

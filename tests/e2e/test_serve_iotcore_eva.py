@@ -21,8 +21,6 @@ import hashlib
 import hmac
 import json
 import os
-import queue
-import signal
 import socket
 import ssl
 import subprocess
@@ -41,6 +39,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from paho.mqtt.enums import CallbackAPIVersion
+from server_process import SERVING, ServerProcess
 
 from sensorseal.compat import eva
 from sensorseal.datadir import DataDir
@@ -174,50 +173,21 @@ def _port_open(port: int) -> bool:
         return False
 
 
-class Server:
+class Server(ServerProcess):
     """`sensorseal serve` over HTTPS with the IoT Core listener and the EVA endpoint."""
 
     def __init__(self, setup: Setup, mqtt_port: int) -> None:
-        self.proc = subprocess.Popen(
+        super().__init__(
             [sys.executable, "-m", "sensorseal", "--data-dir", str(setup.path), "serve",
              "--http-port", "0", "--certfile", str(setup.tls.server_cert),
              "--keyfile", str(setup.tls.server_key), "--iotcore-port", "0",
              "--mqtt-url", f"mqtt://127.0.0.1:{mqtt_port}",
-             "--eva-product", EVA_PRODUCT, "--eva-system", EVA_SYSTEM],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.output: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        found: dict[str, str] = {}
-        marks = {"http": "sensorseal: serving on ", "iotcore": "Cloud IoT Core MQTT on ",
-                 "eva": "EVA ICS API on "}
-        while len(found) < len(marks):
-            try:
-                line = self.lines.get(timeout=START_TIMEOUT_S)
-            except queue.Empty:
-                self.stop()
-                raise AssertionError("server did not start:\n" + "".join(self.output)) from None
-            for name, mark in marks.items():
-                if mark in line:
-                    found[name] = line.split(mark, 1)[1].split()[0]
+             "--eva-product", EVA_PRODUCT, "--eva-system", EVA_SYSTEM], _env(), START_TIMEOUT_S)
+        found = self.wait_for({"http": SERVING, "iotcore": "Cloud IoT Core MQTT on ",
+                               "eva": "EVA ICS API on "})
         # The certificate names localhost only: reach both listeners by that name.
         self.url = "https://localhost:" + found["http"].rsplit(":", 1)[1]
         self.iotcore_port = int(found["iotcore"].rsplit(":", 1)[1])
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line)
-            self.lines.put(line)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
 
 
 @pytest.fixture(scope="module")
