@@ -109,6 +109,10 @@ class KeyContext:
             self._mac_key = self._derive("mac", _KEY_LEN[Alg.HMAC_256_256], Alg.HMAC_256_256)
         return self._mac_key
 
+    def nonce_int(self, seq: int) -> bytes:
+        """The nonce for sequence number `seq` (the integer value of its Partial IV)."""
+        return (self._base_iv_int ^ seq).to_bytes(NONCE_LEN, "big")
+
     def nonce(self, partial_iv: bytes) -> bytes:
         """RFC 9052 section 3.1: left-pad the Partial IV to 12 bytes and XOR it with the base IV."""
         return (self._base_iv_int ^ int.from_bytes(partial_iv, "big")).to_bytes(NONCE_LEN, "big")
