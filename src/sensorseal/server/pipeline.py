@@ -88,6 +88,7 @@ class IngestResult(NamedTuple):
     seq: int | None
 
 
+_new_tuple = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (hot path)
 _PENDING = IngestResult(False, None, None, None)  # placeholder until the store has answered
 
 
@@ -400,8 +401,9 @@ class Pipeline:
                 level = ATTESTED
             opened.append((len(results), msg, last[1]))
             results.append(_PENDING)
-            rows.append(TelemetryRow(msg.device_id, msg.epoch, msg.seq, now, msg.timestamp_ms,
-                                     level, route, transport, msg.payload))
+            rows.append(_new_tuple(TelemetryRow, (msg.device_id, msg.epoch, msg.seq, now,
+                                                  msg.timestamp_ms, level, route, transport,
+                                                  msg.payload)))
 
         stored = self._record(rows, events)
 
@@ -409,7 +411,8 @@ class Pipeline:
         struck: list[tuple[SecurityContext, int]] = []
         for (index, msg, ctx), ok in zip(opened, stored, strict=True):
             if ok:
-                results[index] = IngestResult(True, None, msg.device_id.hex(), msg.seq)
+                results[index] = _new_tuple(IngestResult, (True, None, msg.device_id.hex(),
+                                                           msg.seq))
                 struck.append((ctx, msg.seq))
             else:
                 hex_id = msg.device_id.hex()
@@ -434,10 +437,17 @@ class Pipeline:
             self.stats.accepted += len(struck)
             self.stats.rejected.update(rejected)
             self.stats.internal_errors += internal
-            for (_index, msg, _ctx), ok in zip(opened, stored, strict=True):
-                entry = self._devices.get(msg.device_id) if ok else None
-                if entry is not None and msg.epoch == entry.record.epoch + 1:
-                    pending.add((msg.device_id, msg.epoch))
+            # A message under epoch current + 1 confirms a renewal. Checked per context used
+            # in this batch first (few), then per message only for those (rare).
+            renewing = set()
+            for device_id, epoch in batch:
+                entry = self._devices.get(device_id)
+                if entry is not None and epoch == entry.record.epoch + 1:
+                    renewing.add((device_id, epoch))
+            if renewing:
+                for (_index, msg, _ctx), ok in zip(opened, stored, strict=True):
+                    if ok and (msg.device_id, msg.epoch) in renewing:
+                        pending.add((msg.device_id, msg.epoch))
         for device_id, epoch in pending:
             self._confirm(device_id, epoch)
         return results
