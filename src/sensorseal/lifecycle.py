@@ -44,7 +44,6 @@ from sensorseal.core.credential import DeviceCredential
 from sensorseal.core.errors import ConfigError
 from sensorseal.core.ids import DeviceId
 from sensorseal.core.renewal import Phase, RenewalState, make_offer
-from sensorseal.gateway.provision import NETWORK_EPOCH
 from sensorseal.keystore.base import Keystore
 from sensorseal.keystore.software import (
     KEK_ENV,
@@ -368,17 +367,15 @@ def _blob_binding(kind: WrappedKind, item: WrappedBlob) -> tuple[DeviceId, int]:
     if isinstance(item.row, str):
         raise ConfigError(f"a {kind.value} row has a text key")
     row_id = DeviceId(bytes(item.row))
-    if kind is WrappedKind.NETWORK:
-        return row_id, NETWORK_EPOCH  # gateway.provision.add_network
-    if kind is WrappedKind.GATEWAY:
-        return row_id, item.epoch  # gateway.provision.add_gateway: the gateway's epoch
+    if kind in (WrappedKind.NETWORK, WrappedKind.GATEWAY):
+        return row_id, item.epoch  # gateway.provision: (network or gateway id, key epoch)
     return row_id, LEGACY_KEY_SLOT  # registry._wrap_legacy
 
 
 def _rewrap_kind(blobs: KekBlobStore, kind: WrappedKind, ring: Keyring,
                  new: SoftwareKeystore, batch: int) -> tuple[int, int]:
     moved = missed = 0
-    after: bytes | str | None = None
+    after: tuple[bytes | str, int] | None = None
     while True:
         page = blobs.kek_blobs(kind, after=after, limit=batch)
         if not page:
@@ -392,7 +389,7 @@ def _rewrap_kind(blobs: KekBlobStore, kind: WrappedKind, ring: Keyring,
                 moved += 1
             else:
                 missed += 1  # replaced meanwhile: the next pass takes it
-        after = page[-1].row
+        after = (page[-1].row, page[-1].epoch)
 
 
 def _rewrap_device_secrets(keys: KeyLifecycleStore, ring: Keyring, new: SoftwareKeystore,

@@ -28,6 +28,7 @@ class RejectReason(StrEnum):
     UNSUPPORTED = "unsupported"  # well formed, but an algorithm/version we do not accept
     UNKNOWN_DEVICE = "unknown_device"  # no such device id
     UNKNOWN_EPOCH = "unknown_epoch"  # device known, key epoch not (or grace expired)
+    UNKNOWN_NETWORK = "unknown_network"  # a gateway got a frame of a network it does not serve
     SUSPENDED = "suspended"  # device temporarily disabled by an operator
     REVOKED = "revoked"  # device permanently revoked
     BAD_MAC = "bad_mac"  # COSE_Mac0 tag did not verify

@@ -3,8 +3,10 @@
 `POST /v1/gateway/batch` carries one native envelope sealed under a *gateway's* credential.
 Per batch, in order:
 
-1. parse, look up the gateway (unknown / suspended / revoked / unknown epoch refused), replay
-   window on the gateway's sequence number, verify: nothing of the batch is read before this;
+1. parse, look up the gateway (unknown / suspended / revoked / unknown epoch refused; after a
+   `gateway rotate` the old epoch is accepted until its grace ends, then refused as
+   `unknown_epoch`), replay window on the gateway's sequence number per epoch, verify: nothing
+   of the batch is read before this;
 2. record the gateway's drop reports in the audit log;
 3. hand the items to the pipeline (one transaction per kind of item and set of layers), with an
    opener that, after the item itself is authentic and fresh, enforces:
@@ -62,6 +64,12 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _check_grace(epoch: int, not_after_ms: int | None, now_ms: int) -> None:
+    """An older gateway epoch is accepted while now < the end of its grace (docs/keys.md)."""
+    if not_after_ms is not None and now_ms >= not_after_ms:
+        raise Rejected(RejectReason.UNKNOWN_EPOCH, f"gateway epoch {epoch}: grace period over")
+
+
 class GatewayIngest:
     """Thread-safe; one per server process, next to the pipeline."""
 
@@ -73,7 +81,8 @@ class GatewayIngest:
         self._clock_ms = clock_ms
         self._ttl_ms = ttl_ms
         self._lock = threading.Lock()
-        self._contexts: dict[tuple[DeviceId, int], tuple[int, SecurityContext]] = {}
+        # (gateway, epoch) -> (checked at, context, end of the epoch's grace or None)
+        self._contexts: dict[tuple[DeviceId, int], tuple[int, SecurityContext, int | None]] = {}
         self._rules: dict[DeviceId, tuple[int, Assignment | None, frozenset[Layer]]] = {}
         self._serves: dict[DeviceId, tuple[int, frozenset[bytes]]] = {}
 
@@ -143,6 +152,7 @@ class GatewayIngest:
         key = (gateway_id, epoch)
         cached = self._contexts.get(key)
         if cached is not None and now - cached[0] < self._ttl_ms:
+            _check_grace(epoch, cached[2], now)  # the grace ends on time, not at the next TTL
             return cached[1]
         record = self._gateways.gateway_record(gateway_id)
         if record is None:
@@ -151,9 +161,13 @@ class GatewayIngest:
             reason = RejectReason.REVOKED if record.status is DeviceStatus.REVOKED \
                 else RejectReason.SUSPENDED
             raise Rejected(reason, f"gateway {record.status.value}")
+        info = self._gateways.gateway_epoch(gateway_id, epoch)
+        if info is None:
+            raise Rejected(RejectReason.UNKNOWN_EPOCH, f"gateway has no epoch {epoch}")
+        _check_grace(epoch, info.not_after_ms, now)
         with self._lock:
-            if cached is not None:  # still active: keep the window, refresh the check time
-                self._contexts[key] = (now, cached[1])
+            if cached is not None:  # still valid: keep the window, refresh the check time
+                self._contexts[key] = (now, cached[1], info.not_after_ms)
                 return cached[1]
         secret = self._gateways.gateway_secret(gateway_id, epoch)
         if secret is None:
@@ -161,7 +175,7 @@ class GatewayIngest:
         ctx = SecurityContext.from_secret(secret, gateway_id, epoch, Direction.UP,
                                           _GATEWAY_POLICY)
         with self._lock:
-            return self._contexts.setdefault(key, (now, ctx))[1]
+            return self._contexts.setdefault(key, (now, ctx, info.not_after_ms))[1]
 
     def handle(self, body: bytes, *, e4: bool, source: str) -> tuple[str, list[int]]:
         """(gateway id, per-item codes 0 stored / 1 refused). Rejected: the batch as a whole

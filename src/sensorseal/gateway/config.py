@@ -1,9 +1,14 @@
 """The gateway's configuration document, as `GatewayRegistry.gateway_config` writes it.
 
     { "gateway":  "ss1.<gateway id>.<epoch>.<secret>",
-      "networks": [ {"id": hex, "alg": 10, "key": b64url} ],
+      "networks": [ {"id": hex, "epoch": 0, "alg": 10, "key": b64url,
+                     "not_after_ms": null | ms} ],      one entry per still-valid key epoch
       "devices":  [ {"id": hex, "network": hex, "mode": "e3" | "e2" | "e2+e3",
                      "e2": {"<epoch>": b64url gateway secret}} ] }
+
+An entry without "epoch" (files written before key epochs existed) is epoch 0 without an end.
+While a network key rotates the document holds the old epoch (with the end of its grace) and
+the new one, so the gateway accepts frames of both until the old one's grace is over.
 
 It holds secrets, so it is written 0600 and never logged; `repr()` of every object built from it
 is redacted.
@@ -22,7 +27,7 @@ from sensorseal.core.errors import ConfigError
 from sensorseal.core.ids import DeviceId
 from sensorseal.core.keys import KeyContext
 from sensorseal.core.layers import Mode, gateway_keys
-from sensorseal.core.link import NetworkKey
+from sensorseal.core.link import NetworkKey, NetworkKeyring
 from sensorseal.gateway.provision import _unb64
 
 __all__ = ["DeviceEntry", "GatewayConfig", "load_config", "write_config"]
@@ -41,7 +46,7 @@ class DeviceEntry:
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     credential: DeviceCredential = field(repr=False)
-    networks: dict[bytes, NetworkKey]
+    networks: dict[bytes, NetworkKeyring]  # network id -> its keys by epoch
     devices: dict[DeviceId, DeviceEntry]
 
     @property
@@ -54,10 +59,17 @@ def _parse(doc: Any) -> GatewayConfig:
         raise ConfigError("gateway config must be a JSON object")
     try:
         cred = DeviceCredential.parse(doc["gateway"])
-        networks = {}
+        networks: dict[bytes, NetworkKeyring] = {}
         for n in doc["networks"]:
-            key = NetworkKey(bytes.fromhex(n["id"]), _unb64(n["key"]), int(n["alg"]))
-            networks[key.network_id] = key
+            key = NetworkKey(bytes.fromhex(n["id"]), _unb64(n["key"]), int(n["alg"]),
+                             epoch=int(n.get("epoch", 0)))
+            end = n.get("not_after_ms")
+            not_after = None if end is None else int(end)
+            ring = networks.get(key.network_id)
+            if ring is None:
+                networks[key.network_id] = NetworkKeyring([(key, not_after)])
+            else:
+                ring.add(key, not_after)
         devices = {}
         for d in doc["devices"]:
             did = DeviceId.parse(d["id"])

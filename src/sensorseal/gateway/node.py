@@ -9,7 +9,10 @@
 E3 uses the device's ordinary uplink keys; E2 the keys derived from its *gateway secret*; both
 take their sequence numbers from the device's persistent uplink counter (different keys, so a
 shared counter never repeats a (key, nonce) pair). E1 takes its numbers from a separate
-persistent link counter, since the link key outlives key epochs.
+persistent link counter per network, since the link key outlives device key epochs; it also
+runs on across network key epochs (`rekey`), so the gateway's one window per (network, sender)
+serves frames of the old and the new epoch alike. E1 frames carry the epoch of the
+`NetworkKey` the device was given.
 
 `UdpRadio` sends a frame to a gateway on loopback UDP and waits for the gateway's ack, itself
 an E1 frame, so a stranger cannot fake an ack and make a device forget an unsent frame.
@@ -56,6 +59,16 @@ class LayeredDevice:
     def sender(self) -> bytes:
         return bytes(self.device.device_id)
 
+    def rekey(self, network: NetworkKey) -> None:
+        """Take the network's key of a newer epoch (after `network rotate`); frames built from
+        now on use it. The link counter carries on, so no link sequence number repeats."""
+        if network.network_id != self.network.network_id:
+            raise ConfigError("rekey takes a key of the same network")
+        if network.epoch <= self.network.epoch:
+            raise ConfigError(f"network key epoch {network.epoch} is not newer than "
+                              f"{self.network.epoch}")
+        self.network = network
+
     def frame(self, payload: bytes) -> tuple[bytes, int]:
         """(frame, link seq): a new frame for `payload`. Resend the same bytes to retry."""
         if self.mode is Mode.E2:
@@ -84,6 +97,7 @@ class UdpRadio:
                  timeout_s: float = 0.3) -> None:
         self.gateway = gateway
         self.network = network
+        self._keys = {network.epoch: network}  # acks come under the epoch of their frame
         self.timeout_s = timeout_s
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.bind(("127.0.0.1", 0))
@@ -105,9 +119,19 @@ class UdpRadio:
                     return True
         return False
 
+    def rekey(self, network: NetworkKey) -> None:
+        """Also accept acks under `network` (a newer epoch); frames sent under the old epoch
+        are still acked under it."""
+        self.network = network
+        self._keys[network.epoch] = network
+
     def _is_ack(self, data: bytes, sender: bytes, link_seq: int) -> bool:
         try:
-            body = open_frame(parse_frame(data, mtu=2048), self.network)
+            frame = parse_frame(data, mtu=2048)
+            key = self._keys.get(frame.epoch)
+            if key is None:
+                return False
+            body = open_frame(frame, key)
             msg = cbor2.loads(body)
         except (Rejected, ValueError, cbor2.CBORDecodeError):
             return False

@@ -6,7 +6,9 @@ nothing unauthenticated reaches state that others depend on:
 1. size against the radio MTU (before any decoding)                        -> "oversize"
 2. link frame structure (core.link.parse_frame)                           -> "garbage"
 3. a network this gateway serves                                          -> "unknown_network"
-4. E1 replay window per (network, sender) -- a seen number that verifies is re-acked
+   and a key epoch of it that the gateway holds, its grace not over        -> "link_epoch"
+4. E1 replay window per (network, sender), shared by the key epochs (a device's link counter
+   runs on across a network key rotation) -- a seen number that verifies is re-acked
    (the device lost our ack), never forwarded twice                       -> "link_replay"
 5. E1 AEAD under the network's per-sender key                             -> "link_auth"
 6. the sender is a device this gateway serves, in that network            -> "unknown_device"
@@ -24,7 +26,7 @@ Every drop is counted per label in `counts`; nothing dropped is forwarded.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -34,7 +36,14 @@ from sensorseal.core.envelope import parse, verify
 from sensorseal.core.errors import Rejected, RejectReason
 from sensorseal.core.ids import DeviceId
 from sensorseal.core.layers import Layer, Mode, Vouched, e2_route, envelope_item, vouched_item
-from sensorseal.core.link import DEFAULT_MTU, NetworkKey, open_frame, parse_frame, wrap
+from sensorseal.core.link import (
+    DEFAULT_MTU,
+    NetworkKey,
+    NetworkKeyring,
+    open_frame,
+    parse_frame,
+    wrap,
+)
 from sensorseal.core.replay import DEFAULT_WINDOW, ReplayWindow
 from sensorseal.gateway.config import DeviceEntry
 
@@ -45,7 +54,8 @@ DROP_REASONS: dict[str, RejectReason] = {
     "oversize": RejectReason.OVERSIZE,
     "garbage": RejectReason.MALFORMED,
     "unsupported": RejectReason.UNSUPPORTED,
-    "unknown_network": RejectReason.UNKNOWN_DEVICE,
+    "unknown_network": RejectReason.UNKNOWN_NETWORK,
+    "link_epoch": RejectReason.UNKNOWN_EPOCH,
     "link_replay": RejectReason.REPLAY,
     "link_auth": RejectReason.DECRYPT_FAILED,
     "unknown_device": RejectReason.UNKNOWN_DEVICE,
@@ -75,6 +85,7 @@ class Forward(NamedTuple):
     item: bytes
     e2_window: ReplayWindow | None
     e2_seq: int
+    link_epoch: int = 0  # the network key epoch of the frame; its ack uses the same
 
 
 class Reack(NamedTuple):
@@ -83,6 +94,7 @@ class Reack(NamedTuple):
     network_id: bytes
     sender: bytes
     link_seq: int
+    link_epoch: int = 0
 
 
 def ack_payload(sender: bytes, link_seq: int) -> bytes:
@@ -101,7 +113,7 @@ class Relay:
     """The gateway core (see the module docstring). Not thread-safe: one event loop owns it."""
 
     gateway_id: bytes
-    networks: dict[bytes, NetworkKey]
+    networks: Mapping[bytes, NetworkKeyring | NetworkKey]  # a bare key: that epoch only
     devices: dict[DeviceId, DeviceEntry]
     mtu: int = DEFAULT_MTU
     rate: RateLimit = field(default_factory=RateLimit)
@@ -110,6 +122,11 @@ class Relay:
     _links: dict[tuple[bytes, bytes], ReplayWindow] = field(default_factory=dict)
     _e2: dict[tuple[bytes, int], ReplayWindow] = field(default_factory=dict)
     _buckets: dict[bytes, _Bucket] = field(default_factory=dict)
+    _rings: dict[bytes, NetworkKeyring] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._rings = {nid: k if isinstance(k, NetworkKeyring) else NetworkKeyring.of(k)
+                       for nid, k in self.networks.items()}
 
     def resume(self, tops: Iterable[tuple[bytes, bytes, int]]) -> None:
         """Restore the E1 windows after a restart from the tops the buffer persisted."""
@@ -127,9 +144,13 @@ class Relay:
             self._drop("oversize" if exc.reason is RejectReason.OVERSIZE else
                        "unsupported" if exc.reason is RejectReason.UNSUPPORTED else "garbage")
             return None
-        network = self.networks.get(hdr.network_id)
-        if network is None:
+        ring = self._rings.get(hdr.network_id)
+        if ring is None:
             self._drop("unknown_network")
+            return None
+        network = ring.usable(hdr.epoch, now_ms)
+        if network is None:
+            self._drop("link_epoch")  # never held, or its grace after a rotation is over
             return None
         window = self._links.get((hdr.network_id, hdr.sender))
         seen = window is not None and window.seen(hdr.seq)
@@ -143,7 +164,7 @@ class Relay:
             return None
         if seen:
             self.counts["reacked"] += 1
-            return Reack(hdr.network_id, hdr.sender, hdr.seq)
+            return Reack(hdr.network_id, hdr.sender, hdr.seq, hdr.epoch)
         entry = self.devices.get(DeviceId.trusted(hdr.sender))
         if entry is None or entry.network_id != hdr.network_id:
             self._drop("unknown_device")
@@ -151,7 +172,8 @@ class Relay:
         if not self._allow(hdr.sender, now_ms):
             self._drop("rate_limited")
             return None
-        return self._by_mode(entry, hdr.network_id, hdr.sender, hdr.seq, payload)
+        fwd = self._by_mode(entry, hdr.network_id, hdr.sender, hdr.seq, payload)
+        return None if fwd is None else fwd._replace(link_epoch=hdr.epoch)
 
     def _allow(self, sender: bytes, now_ms: int) -> bool:
         b = self._buckets.get(sender)
@@ -216,6 +238,10 @@ class Relay:
             fwd.e2_window.strike(fwd.e2_seq)
 
     def ack(self, verdict: Forward | Reack, seq: int) -> bytes:
-        """The ack frame for a committed or re-acked frame, wrapped under E1 as the gateway."""
+        """The ack frame for a committed or re-acked frame, wrapped under E1 as the gateway,
+        with the key epoch of the frame it answers (the one the device holds)."""
+        network = self._rings[verdict.network_id].get(verdict.link_epoch)
+        if network is None:  # cannot happen: the verdict came from a key of this ring
+            raise KeyError(f"no key epoch {verdict.link_epoch}")
         return wrap(ack_payload(verdict.sender, verdict.link_seq),
-                    network=self.networks[verdict.network_id], sender=self.gateway_id, seq=seq)
+                    network=network, sender=self.gateway_id, seq=seq)

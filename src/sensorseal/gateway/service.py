@@ -9,8 +9,9 @@ Datagrams that arrive together are judged and made durable in one transaction (g
 then acked. The forwarder runs the blocking HTTP call in a thread; while upstream is down it
 retries with capped exponential backoff and the buffer grows up to its bound.
 
-Transports are pluggable: anything that calls `Gateway.on_frame(data, reply)` works; `UdpRadio`
-(loopback UDP standing in for the radio) is the one shipped.
+Transports are pluggable: anything that calls `Gateway.on_frame(data, reply)` on the event loop
+and awaits `Gateway.run_forever()` works. Shipped: `run_udp` here (loopback UDP standing in for
+the radio) and `run_mqtt` in gateway/mqtt_radio.py (a local MQTT broker).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from sensorseal.gateway.config import GatewayConfig
 from sensorseal.gateway.relay import Forward, RateLimit, Reack, Relay
 from sensorseal.gateway.upstream import Upstream, UpstreamError
 
-__all__ = ["Gateway", "GatewaySettings", "run_udp"]
+__all__ = ["Gateway", "GatewaySettings", "Reply", "run_udp"]
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,14 @@ class Gateway:
             self.buffer.delete_through(last_id, last_drop)
             self.delivered += n
 
+    async def run_forever(self) -> None:
+        """Forward and report drops until cancelled: every transport's main task. The last drop
+        counts are recorded on the way out, so they reach the cloud on the next start."""
+        try:
+            await asyncio.gather(self.forward_forever(), self.report_drops_forever())
+        finally:
+            self.record_drops()
+
     async def report_drops_forever(self) -> None:
         """Move the relay's drop counters into the buffer (and so to the cloud's audit log)."""
         while True:
@@ -198,7 +207,6 @@ async def run_udp(gateway: Gateway, host: str = "127.0.0.1", port: int = 0,
         addr = transport.get_extra_info("sockname")[:2]
         if ready is not None:
             ready(addr)
-        await asyncio.gather(gateway.forward_forever(), gateway.report_drops_forever())
+        await gateway.run_forever()
     finally:
         transport.close()
-        gateway.record_drops()

@@ -36,6 +36,7 @@ __all__ = [
     "IotCoreKeyRow",
     "IotCoreStore",
     "KekBlobStore",
+    "KeyEpochRow",
     "KeyLifecycleStore",
     "LegacyCredential",
     "NetworkRecord",
@@ -351,16 +352,17 @@ class KeyLifecycleStore(Protocol):
 class WrappedKind(StrEnum):
     """A table (besides device_secrets) whose rows hold one blob wrapped under the KEK."""
 
-    NETWORK = "network"  # networks.wrapped_key (E1 link key)
-    GATEWAY = "gateway"  # gateways.wrapped_secret (the gateway's root secret of its epoch)
+    NETWORK = "network"  # network_keys.wrapped_key (E1 link key, one row per key epoch)
+    GATEWAY = "gateway"  # gateway_secrets.wrapped_secret (gateway root secret, one per epoch)
     LEGACY = "legacy"    # legacy_credentials.wrapped (NULL for a hub without password: skipped)
     EVA = "eva"          # eva_keys.wrapped (EVA ICS API key)
 
 
 # kind -> (table, key column, blob column, epoch expression): the same SQL in every back end.
+# Network keys and gateway secrets have one row per (id, epoch) since migration 0008.
 KEK_BLOB_COLUMNS: dict[WrappedKind, tuple[str, str, str, str]] = {
-    WrappedKind.NETWORK: ("networks", "id", "wrapped_key", "0"),
-    WrappedKind.GATEWAY: ("gateways", "id", "wrapped_secret", "epoch"),
+    WrappedKind.NETWORK: ("network_keys", "network_id", "wrapped_key", "epoch"),
+    WrappedKind.GATEWAY: ("gateway_secrets", "gateway_id", "wrapped_secret", "epoch"),
     WrappedKind.LEGACY: ("legacy_credentials", "device_id", "wrapped", "0"),
     WrappedKind.EVA: ("eva_keys", "key_id", "wrapped", "0"),
 }
@@ -368,8 +370,8 @@ KEK_BLOB_COLUMNS: dict[WrappedKind, tuple[str, str, str, str]] = {
 
 class WrappedBlob(NamedTuple):
     """One KEK-wrapped blob outside device_secrets. `row` is the row's primary key (an id's
-    bytes, or the EVA key id); `epoch` is the row's epoch column (gateways) or 0. The caller
-    knows which keystore AAD (id, slot) each kind was wrapped with."""
+    bytes, or the EVA key id); `epoch` is the row's epoch column (network keys, gateway
+    secrets) or 0. The caller knows which keystore AAD (id, slot) each kind was wrapped with."""
 
     row: bytes | str
     epoch: int
@@ -379,9 +381,10 @@ class WrappedBlob(NamedTuple):
 class KekBlobStore(Protocol):
     """Keyset paging and compare-and-swap over the blobs of `WrappedKind` tables."""
 
-    def kek_blobs(self, kind: WrappedKind, *, after: bytes | str | None = None,
+    def kek_blobs(self, kind: WrappedKind, *, after: tuple[bytes | str, int] | None = None,
                   limit: int = 500) -> list[WrappedBlob]:
-        """Non-NULL blobs of `kind`, ordered by row key, strictly after `after`."""
+        """Non-NULL blobs of `kind`, ordered by (row key, epoch), strictly after `after`
+        (the (row, epoch) of the previous page's last blob)."""
         ...
 
     def replace_kek_blob(self, kind: WrappedKind, row: bytes | str, epoch: int, old: bytes,
@@ -493,28 +496,66 @@ class Assignment(NamedTuple):
     assigned_ms: int
 
 
-class GatewayStore(Protocol):
-    """Networks (E1 keys wrapped under the KEK), gateways (secrets wrapped), assignments."""
+class KeyEpochRow(NamedTuple):
+    """One key epoch of a network (E1 key) or gateway (root secret), wrapped under the KEK
+    bound to (id, epoch). `not_after_ms`: accepted while now < it (the grace period after a
+    rotation); None: no end (the current epoch)."""
 
-    def add_network(self, record: NetworkRecord, wrapped_key: bytes) -> None: ...
+    epoch: int
+    wrapped: bytes
+    created_ms: int
+    not_after_ms: int | None
+
+
+class GatewayStore(Protocol):
+    """Networks (E1 keys wrapped under the KEK, per epoch), gateways (secrets wrapped, per
+    epoch), assignments. Migrations 0004 and 0008."""
+
+    def add_network(self, record: NetworkRecord, wrapped_key: bytes) -> None:
+        """Insert the network and its epoch-0 key in one transaction."""
+        ...
 
     def get_network(self, network_id: bytes) -> NetworkRecord | None: ...
 
     def list_networks(self) -> list[NetworkRecord]: ...
 
     def network_key(self, network_id: bytes) -> bytes | None:
-        """The wrapped network key, or None."""
+        """The wrapped key of the network's newest epoch, or None."""
+        ...
+
+    def network_keys(self, network_id: bytes) -> list[KeyEpochRow]:
+        """Every stored key epoch of the network, oldest first (empty: no such network)."""
+        ...
+
+    def rotate_network_key(self, network_id: bytes, epoch: int, wrapped_key: bytes,
+                           created_ms: int, old_not_after_ms: int) -> bool:
+        """Add `epoch` (it must be newest + 1) and end every older epoch at
+        `old_not_after_ms` (an end set earlier is never extended), in one transaction.
+        False if the network is unknown or `epoch` is not newest + 1 (a concurrent rotation)."""
         ...
 
     def add_gateway(self, record: GatewayRecord, wrapped_secret: bytes,
                     networks: Sequence[bytes]) -> None:
-        """Insert the gateway and the networks it serves in one transaction."""
+        """Insert the gateway, its secret of `record.epoch` and the networks it serves in one
+        transaction."""
         ...
 
     def get_gateway(self, gateway_id: DeviceId) -> GatewayRecord | None: ...
 
     def gateway_secret(self, gateway_id: DeviceId, epoch: int) -> bytes | None:
-        """The wrapped secret of the gateway's epoch, or None."""
+        """The wrapped secret of the gateway's epoch (expired or not), or None."""
+        ...
+
+    def gateway_epoch(self, gateway_id: DeviceId, epoch: int) -> KeyEpochRow | None:
+        """One epoch of the gateway's secrets with its grace end, or None."""
+        ...
+
+    def rotate_gateway(self, gateway_id: DeviceId, from_epoch: int, wrapped_secret: bytes,
+                       created_ms: int, old_not_after_ms: int) -> bool:
+        """Compare-and-swap the gateway from `from_epoch` to `from_epoch + 1` with the new
+        wrapped secret, ending every older epoch at `old_not_after_ms` (never extending an
+        earlier end), in one transaction. False if the gateway is not at `from_epoch` or is
+        revoked."""
         ...
 
     def gateway_networks(self, gateway_id: DeviceId) -> list[bytes]: ...

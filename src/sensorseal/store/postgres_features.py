@@ -32,6 +32,7 @@ from sensorseal.store.base import (
     DeviceStatus,
     EpochInfo,
     GatewayRecord,
+    KeyEpochRow,
     LegacyCredential,
     NetworkRecord,
     OperatorRow,
@@ -100,6 +101,14 @@ def _legacy(row: Any) -> LegacyCredential:
     return LegacyCredential(DeviceId(bytes(dev)), kind, external_id,
                             None if wrapped is None else bytes(wrapped), options, state, target,
                             created_ms)
+
+
+_SELECT_KEY_EPOCH = "SELECT epoch, {0}, created_ms, not_after_ms FROM {1} WHERE {2} = %s"
+
+
+def _key_epoch(row: Any) -> KeyEpochRow:
+    return KeyEpochRow(int(row[0]), bytes(row[1]), int(row[2]),
+                       None if row[3] is None else int(row[3]))
 
 
 def _network(row: Any) -> NetworkRecord:
@@ -352,14 +361,15 @@ class PostgresFeatures:
 
     # -- KEK rotation: blobs outside device_secrets (networks, gateways, legacy, EVA) ---------
 
-    def kek_blobs(self, kind: WrappedKind, *, after: bytes | str | None = None,
+    def kek_blobs(self, kind: WrappedKind, *, after: tuple[bytes | str, int] | None = None,
                   limit: int = 500) -> list[WrappedBlob]:
         table, key, blob, epoch = KEK_BLOB_COLUMNS[WrappedKind(kind)]
-        where = f"{blob} IS NOT NULL" + ("" if after is None else f" AND {key} > %s")
-        args: tuple[object, ...] = () if after is None else (after,)
+        where = f"{blob} IS NOT NULL" + ("" if after is None else
+                                         f" AND ({key}, {epoch}) > (%s, %s::int8)")
+        args: tuple[object, ...] = () if after is None else (after[0], after[1])
         # identifiers come from KEK_BLOB_COLUMNS only; values are parameters
         sql = (f"SELECT {key}, {epoch}, {blob} FROM {table}"  # noqa: S608
-               f" WHERE {where} ORDER BY {key}")
+               f" WHERE {where} ORDER BY 1, 2")  # key, then epoch (may be a literal)
         rows = self._all(sql + " LIMIT %s", (*args, limit))
         return [WrappedBlob(r if isinstance(r, str) else bytes(r), int(e), bytes(w))
                 for r, e, w in rows]
@@ -488,10 +498,14 @@ class PostgresFeatures:
 
     def add_network(self, record: NetworkRecord, wrapped_key: bytes) -> None:
         try:
-            self._change("INSERT INTO networks (id, name, alg, required_layers, wrapped_key,"
-                         " created_ms) VALUES (%s, %s, %s, %s, %s, %s)",
-                         (bytes(record.network_id), record.name, record.alg,
-                          record.required_layers, wrapped_key, record.created_ms))
+            with self._tx() as conn:
+                conn.execute("INSERT INTO networks (id, name, alg, required_layers, created_ms)"
+                             " VALUES (%s, %s, %s, %s, %s)",
+                             (bytes(record.network_id), record.name, record.alg,
+                              record.required_layers, record.created_ms))
+                conn.execute("INSERT INTO network_keys (network_id, epoch, wrapped_key,"
+                             " created_ms) VALUES (%s, 0, %s, %s)",
+                             (bytes(record.network_id), wrapped_key, record.created_ms))
         except pg_errors.IntegrityError as exc:
             raise ConfigError(f"cannot add network ({type(exc).__name__})") from None
 
@@ -503,17 +517,46 @@ class PostgresFeatures:
         return [_network(r) for r in self._all(_SELECT_NETWORK + " ORDER BY created_ms, id")]
 
     def network_key(self, network_id: bytes) -> bytes | None:
-        row = self._one("SELECT wrapped_key FROM networks WHERE id = %s", (bytes(network_id),))
+        row = self._one("SELECT wrapped_key FROM network_keys WHERE network_id = %s"
+                        " ORDER BY epoch DESC LIMIT 1", (bytes(network_id),))
         return None if row is None else bytes(row[0])
+
+    def network_keys(self, network_id: bytes) -> list[KeyEpochRow]:
+        return [_key_epoch(r) for r in self._all(
+            _SELECT_KEY_EPOCH.format("wrapped_key", "network_keys", "network_id")
+            + " ORDER BY epoch", (bytes(network_id),))]
+
+    def rotate_network_key(self, network_id: bytes, epoch: int, wrapped_key: bytes,
+                           created_ms: int, old_not_after_ms: int) -> bool:
+        net = bytes(network_id)
+        with self._tx() as conn:
+            # the network row lock serializes rotations of one network
+            if conn.execute("SELECT 1 FROM networks WHERE id = %s FOR UPDATE",
+                            (net,)).fetchone() is None:
+                return False
+            row = conn.execute("SELECT max(epoch) FROM network_keys WHERE network_id = %s",
+                               (net,)).fetchone()
+            if row is None or row[0] is None or epoch != int(row[0]) + 1:
+                return False
+            conn.execute("INSERT INTO network_keys (network_id, epoch, wrapped_key, created_ms)"
+                         " VALUES (%s, %s, %s, %s)", (net, epoch, wrapped_key, created_ms))
+            conn.execute("UPDATE network_keys SET not_after_ms = LEAST(coalesce(not_after_ms,"
+                         " %s), %s) WHERE network_id = %s AND epoch < %s",
+                         (old_not_after_ms, old_not_after_ms, net, epoch))
+            return True
 
     def add_gateway(self, record: GatewayRecord, wrapped_secret: bytes,
                     networks: Sequence[bytes]) -> None:
         try:
             with self._tx() as conn:
-                conn.execute("INSERT INTO gateways (id, name, status, epoch, wrapped_secret,"
-                             " created_ms) VALUES (%s, %s, %s, %s, %s, %s)",
+                conn.execute("INSERT INTO gateways (id, name, status, epoch, created_ms)"
+                             " VALUES (%s, %s, %s, %s, %s)",
                              (bytes(record.gateway_id), record.name, record.status.value,
-                              record.epoch, wrapped_secret, record.created_ms))
+                              record.epoch, record.created_ms))
+                conn.execute("INSERT INTO gateway_secrets (gateway_id, epoch, wrapped_secret,"
+                             " created_ms) VALUES (%s, %s, %s, %s)",
+                             (bytes(record.gateway_id), record.epoch, wrapped_secret,
+                              record.created_ms))
                 for n in networks:
                     conn.execute("INSERT INTO gateway_networks (gateway_id, network_id)"
                                  " VALUES (%s, %s)", (bytes(record.gateway_id), bytes(n)))
@@ -529,9 +572,31 @@ class PostgresFeatures:
                              row[4])
 
     def gateway_secret(self, gateway_id: DeviceId, epoch: int) -> bytes | None:
-        row = self._one("SELECT wrapped_secret FROM gateways WHERE id = %s AND epoch = %s",
+        found = self.gateway_epoch(gateway_id, epoch)
+        return None if found is None else found.wrapped
+
+    def gateway_epoch(self, gateway_id: DeviceId, epoch: int) -> KeyEpochRow | None:
+        row = self._one(_SELECT_KEY_EPOCH.format("wrapped_secret", "gateway_secrets",
+                                                 "gateway_id") + " AND epoch = %s",
                         (bytes(gateway_id), epoch))
-        return None if row is None else bytes(row[0])
+        return None if row is None else _key_epoch(row)
+
+    def rotate_gateway(self, gateway_id: DeviceId, from_epoch: int, wrapped_secret: bytes,
+                       created_ms: int, old_not_after_ms: int) -> bool:
+        gw = bytes(gateway_id)
+        with self._tx() as conn:
+            cur = conn.execute("UPDATE gateways SET epoch = %s WHERE id = %s AND epoch = %s"
+                               " AND status != %s",
+                               (from_epoch + 1, gw, from_epoch, DeviceStatus.REVOKED.value))
+            if cur.rowcount != 1:
+                return False
+            conn.execute("INSERT INTO gateway_secrets (gateway_id, epoch, wrapped_secret,"
+                         " created_ms) VALUES (%s, %s, %s, %s)",
+                         (gw, from_epoch + 1, wrapped_secret, created_ms))
+            conn.execute("UPDATE gateway_secrets SET not_after_ms = LEAST(coalesce("
+                         "not_after_ms, %s), %s) WHERE gateway_id = %s AND epoch <= %s",
+                         (old_not_after_ms, old_not_after_ms, gw, from_epoch))
+            return True
 
     def gateway_networks(self, gateway_id: DeviceId) -> list[bytes]:
         return [bytes(r[0]) for r in self._all(

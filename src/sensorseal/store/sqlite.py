@@ -46,6 +46,7 @@ from sensorseal.store.base import (
     IotCoreConfigRow,
     IotCoreDevice,
     IotCoreKeyRow,
+    KeyEpochRow,
     LegacyCredential,
     NetworkRecord,
     OperatorRow,
@@ -710,15 +711,15 @@ class SQLiteStore:
 
     # -- KEK rotation: blobs outside device_secrets (networks, gateways, legacy, EVA) ---------
 
-    def kek_blobs(self, kind: WrappedKind, *, after: bytes | str | None = None,
+    def kek_blobs(self, kind: WrappedKind, *, after: tuple[bytes | str, int] | None = None,
                   limit: int = 500) -> list[WrappedBlob]:
         table, key, blob, epoch = KEK_BLOB_COLUMNS[WrappedKind(kind)]
-        where = f"{blob} IS NOT NULL" + ("" if after is None else f" AND {key} > ?")
-        args: tuple[object, ...] = () if after is None else (after,)
+        where = f"{blob} IS NOT NULL" + ("" if after is None else f" AND ({key}, {epoch}) > (?, ?)")
+        args: tuple[object, ...] = () if after is None else (after[0], after[1])
         with self._read() as conn:
             # identifiers come from KEK_BLOB_COLUMNS only; values are parameters
             sql = (f"SELECT {key}, {epoch}, {blob} FROM {table}"  # noqa: S608
-                   f" WHERE {where} ORDER BY {key}")
+                   f" WHERE {where} ORDER BY 1, 2")  # key, then epoch (may be a literal)
             rows = conn.execute(sql + " LIMIT ?", (*args, limit)).fetchall()
         return [WrappedBlob(r if isinstance(r, str) else bytes(r), int(e), bytes(w))
                 for r, e, w in rows]
@@ -849,10 +850,13 @@ class SQLiteStore:
 
     def add_network(self, record: NetworkRecord, wrapped_key: bytes) -> None:
         with self._write() as conn:
-            conn.execute("INSERT INTO networks (id, name, alg, required_layers, wrapped_key,"
-                         " created_ms) VALUES (?, ?, ?, ?, ?, ?)",
+            conn.execute("INSERT INTO networks (id, name, alg, required_layers, created_ms)"
+                         " VALUES (?, ?, ?, ?, ?)",
                          (bytes(record.network_id), record.name, record.alg,
-                          record.required_layers, wrapped_key, record.created_ms))
+                          record.required_layers, record.created_ms))
+            conn.execute("INSERT INTO network_keys (network_id, epoch, wrapped_key, created_ms)"
+                         " VALUES (?, 0, ?, ?)",
+                         (bytes(record.network_id), wrapped_key, record.created_ms))
 
     def get_network(self, network_id: bytes) -> NetworkRecord | None:
         with self._read() as conn:
@@ -867,18 +871,44 @@ class SQLiteStore:
 
     def network_key(self, network_id: bytes) -> bytes | None:
         with self._read() as conn:
-            row = conn.execute("SELECT wrapped_key FROM networks WHERE id = ?",
-                               (bytes(network_id),)).fetchone()
+            row = conn.execute("SELECT wrapped_key FROM network_keys WHERE network_id = ?"
+                               " ORDER BY epoch DESC LIMIT 1", (bytes(network_id),)).fetchone()
         return None if row is None else bytes(row[0])
+
+    def network_keys(self, network_id: bytes) -> list[KeyEpochRow]:
+        with self._read() as conn:
+            rows = conn.execute(_SELECT_KEY_EPOCH.format("wrapped_key", "network_keys",
+                                                         "network_id") + " ORDER BY epoch",
+                                (bytes(network_id),)).fetchall()
+        return [_key_epoch(r) for r in rows]
+
+    def rotate_network_key(self, network_id: bytes, epoch: int, wrapped_key: bytes,
+                           created_ms: int, old_not_after_ms: int) -> bool:
+        net = bytes(network_id)
+        with self._write() as conn:
+            (newest,) = conn.execute("SELECT max(epoch) FROM network_keys WHERE network_id = ?",
+                                     (net,)).fetchone()
+            if newest is None or epoch != newest + 1:
+                return False
+            conn.execute("INSERT INTO network_keys (network_id, epoch, wrapped_key, created_ms)"
+                         " VALUES (?, ?, ?, ?)", (net, epoch, wrapped_key, created_ms))
+            conn.execute("UPDATE network_keys SET not_after_ms = min(coalesce(not_after_ms, ?),"
+                         " ?) WHERE network_id = ? AND epoch < ?",
+                         (old_not_after_ms, old_not_after_ms, net, epoch))
+            return True
 
     def add_gateway(self, record: GatewayRecord, wrapped_secret: bytes,
                     networks: Sequence[bytes]) -> None:
         with self._write() as conn:
             try:
-                conn.execute("INSERT INTO gateways (id, name, status, epoch, wrapped_secret,"
-                             " created_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                conn.execute("INSERT INTO gateways (id, name, status, epoch, created_ms)"
+                             " VALUES (?, ?, ?, ?, ?)",
                              (bytes(record.gateway_id), record.name, record.status.value,
-                              record.epoch, wrapped_secret, record.created_ms))
+                              record.epoch, record.created_ms))
+                conn.execute("INSERT INTO gateway_secrets (gateway_id, epoch, wrapped_secret,"
+                             " created_ms) VALUES (?, ?, ?, ?)",
+                             (bytes(record.gateway_id), record.epoch, wrapped_secret,
+                              record.created_ms))
                 conn.executemany("INSERT INTO gateway_networks (gateway_id, network_id)"
                                  " VALUES (?, ?)",
                                  [(bytes(record.gateway_id), bytes(n)) for n in networks])
@@ -894,10 +924,32 @@ class SQLiteStore:
         return GatewayRecord(DeviceId(row[0]), row[1], DeviceStatus(row[2]), row[3], row[4])
 
     def gateway_secret(self, gateway_id: DeviceId, epoch: int) -> bytes | None:
+        found = self.gateway_epoch(gateway_id, epoch)
+        return None if found is None else found.wrapped
+
+    def gateway_epoch(self, gateway_id: DeviceId, epoch: int) -> KeyEpochRow | None:
         with self._read() as conn:
-            row = conn.execute("SELECT wrapped_secret FROM gateways WHERE id = ? AND epoch = ?",
+            row = conn.execute(_SELECT_KEY_EPOCH.format("wrapped_secret", "gateway_secrets",
+                                                        "gateway_id") + " AND epoch = ?",
                                (bytes(gateway_id), epoch)).fetchone()
-        return None if row is None else bytes(row[0])
+        return None if row is None else _key_epoch(row)
+
+    def rotate_gateway(self, gateway_id: DeviceId, from_epoch: int, wrapped_secret: bytes,
+                       created_ms: int, old_not_after_ms: int) -> bool:
+        gw = bytes(gateway_id)
+        with self._write() as conn:
+            cur = conn.execute("UPDATE gateways SET epoch = ? WHERE id = ? AND epoch = ?"
+                               " AND status != ?",
+                               (from_epoch + 1, gw, from_epoch, DeviceStatus.REVOKED.value))
+            if cur.rowcount != 1:
+                return False
+            conn.execute("INSERT INTO gateway_secrets (gateway_id, epoch, wrapped_secret,"
+                         " created_ms) VALUES (?, ?, ?, ?)",
+                         (gw, from_epoch + 1, wrapped_secret, created_ms))
+            conn.execute("UPDATE gateway_secrets SET not_after_ms = min(coalesce(not_after_ms,"
+                         " ?), ?) WHERE gateway_id = ? AND epoch <= ?",
+                         (old_not_after_ms, old_not_after_ms, gw, from_epoch))
+            return True
 
     def gateway_networks(self, gateway_id: DeviceId) -> list[bytes]:
         with self._read() as conn:
@@ -1134,6 +1186,14 @@ class SQLiteStore:
 
 _SELECT_NETWORK = "SELECT id, name, alg, required_layers, created_ms FROM networks"
 _SELECT_ASSIGNMENT = "SELECT device_id, network_id, mode, assigned_ms FROM device_networks"
+
+
+_SELECT_KEY_EPOCH = "SELECT epoch, {0}, created_ms, not_after_ms FROM {1} WHERE {2} = ?"
+
+
+def _key_epoch(row: Any) -> KeyEpochRow:
+    return KeyEpochRow(int(row[0]), bytes(row[1]), int(row[2]),
+                       None if row[3] is None else int(row[3]))
 
 
 def _network(row: Any) -> NetworkRecord:

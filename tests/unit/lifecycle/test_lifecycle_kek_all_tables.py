@@ -1,7 +1,8 @@
-"""KEK rotation moves every KEK-wrapped blob, not only device root secrets: E1 network keys,
-gateway secrets, legacy-device secrets and EVA API keys each stay readable (same value, same
-keystore binding) under the new KEK, and a copy of the database with only the old KEK opens
-none of them. Runs on SQLite and on PostgreSQL (a fresh database on the machine's server)."""
+"""KEK rotation moves every KEK-wrapped blob, not only device root secrets: E1 network keys and
+gateway secrets of every key epoch, legacy-device secrets and EVA API keys each stay readable
+(same value, same keystore binding) under the new KEK, and a copy of the database with only the
+old KEK opens none of them. Runs on SQLite and on PostgreSQL (a fresh database on the
+machine's server)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import pytest
 from sensorseal.core.credential import DeviceCredential
 from sensorseal.core.errors import ConfigError
 from sensorseal.core.ids import DeviceId
+from sensorseal.core.link import wrap
 from sensorseal.datadir import DataDir
-from sensorseal.gateway.provision import NETWORK_EPOCH, GatewayRegistry
+from sensorseal.gateway.provision import GatewayRegistry, parse_network_key
 from sensorseal.keystore.software import SoftwareKeystore, load_kek
 from sensorseal.lifecycle import KeyLifecycle, rotate_kek
 from sensorseal.registry import EVA_KEY_SLOT, LEGACY_KEY_SLOT, Registry, eva_key_slot
@@ -65,7 +67,9 @@ class Secrets:
     legacy: str
     network_id: bytes
     network_text: str
+    old_network_text: str
     gateway: DeviceCredential
+    old_gateway: DeviceCredential
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -91,14 +95,17 @@ def provision(store: Any, keystore: SoftwareKeystore) -> Secrets:
             conn.execute("INSERT INTO eva_keys (key_id, wrapped, created_ms)"
                          " VALUES (%s, %s, 1)", (EVA_KEY_ID, blob))
     gateways = GatewayRegistry(store, keystore)
-    network, network_text = gateways.add_network("field-a")
-    gateway = gateways.add_gateway("gw-a", [network.network_id])
+    network, old_network_text = gateways.add_network("field-a")
+    old_gateway = gateways.add_gateway("gw-a", [network.network_id])
+    # a second key epoch of each: the rotation must move the old epoch (still in grace) too
+    _, network_text = gateways.rotate_network(network.network_id)
+    gateway = gateways.rotate_gateway(old_gateway.device_id)
     cred = registry.legacy_of(legacy.device_id)
     assert cred is not None
     secret = registry.legacy_secret(cred)
     assert secret is not None and secret == legacy.generated_secret
     return Secrets(device, rotated, legacy.device_id, secret, network.network_id, network_text,
-                   gateway)
+                   old_network_text, gateway, old_gateway)
 
 
 def eva_api_key(store: Any, keystore: SoftwareKeystore) -> str:
@@ -111,7 +118,7 @@ def every_blob(store: Any) -> list[tuple[DeviceId, int, bytes]]:
     """Every KEK-wrapped blob in the store with the keystore binding its feature uses."""
     found = list(store.wrapped_secrets(limit=10_000))
     bindings: dict[WrappedKind, Callable[[WrappedBlob], tuple[DeviceId, int]]] = {
-        WrappedKind.NETWORK: lambda b: (DeviceId(bytes(b.row)), NETWORK_EPOCH),  # type: ignore[arg-type]
+        WrappedKind.NETWORK: lambda b: (DeviceId(bytes(b.row)), b.epoch),  # type: ignore[arg-type]
         WrappedKind.GATEWAY: lambda b: (DeviceId(bytes(b.row)), b.epoch),  # type: ignore[arg-type]
         WrappedKind.LEGACY: lambda b: (DeviceId(bytes(b.row)), LEGACY_KEY_SLOT),  # type: ignore[arg-type]
         WrappedKind.EVA: lambda b: (eva_key_slot(str(b.row)), EVA_KEY_SLOT),
@@ -128,17 +135,18 @@ def test_rotation_moves_every_table_and_the_old_kek_opens_nothing(
     old_kek = load_kek(path, NO_ENV)
     old = SoftwareKeystore(old_kek)
     before = provision(store, old)
-    assert len(every_blob(store)) == 6  # 2 device epochs, legacy, EVA, network, gateway
+    # 2 device epochs, legacy, EVA, 2 network key epochs, 2 gateway epochs
+    assert len(every_blob(store)) == 8
 
     result = rotate_kek(path, store, env=NO_ENV)
 
-    assert result.rewrapped == 6 and result.old_kek_id == old.kek_id != result.new_kek_id
+    assert result.rewrapped == 8 and result.old_kek_id == old.kek_id != result.new_kek_id
     new = SoftwareKeystore(load_kek(path, NO_ENV))  # the old KEK is retired: kek only
     assert new.kek_id == result.new_kek_id
     assert not (path / "kek.old").exists() and not (path / "kek.next").exists()
     # every blob is under the new KEK, and each feature reads back the same value through it
     blobs = every_blob(store)
-    assert len(blobs) == 6 and all(b[1:5].hex() == new.kek_id for _, _, b in blobs)
+    assert len(blobs) == 8 and all(b[1:5].hex() == new.kek_id for _, _, b in blobs)
     registry, gateways = Registry(store, new), GatewayRegistry(store, new)
     for cred in (before.device, before.rotated):
         assert registry.root_secret(cred.device_id, cred.epoch) == cred.secret
@@ -148,8 +156,15 @@ def test_rotation_moves_every_table_and_the_old_kek_opens_nothing(
     if hasattr(store, "eva_key"):
         assert registry.eva_api_key(EVA_KEY_ID) == EVA_API_KEY
     assert gateways.network_key_text(before.network_id) == before.network_text
-    gw = before.gateway
+    ring = gateways.network_keyring(before.network_id)
+    assert [k.epoch for k, _ in ring] == [0, 1]  # the old epoch, still in grace, opens too
+    old_key, stored_old = parse_network_key(before.old_network_text), ring.get(0)
+    assert stored_old is not None
+    assert wrap(b"x", network=stored_old, sender=bytes(12), seq=1) == \
+        wrap(b"x", network=old_key, sender=bytes(12), seq=1)
+    gw, old_gw = before.gateway, before.old_gateway
     assert gateways.gateway_secret(gw.device_id, gw.epoch) == gw.secret
+    assert gateways.gateway_secret(old_gw.device_id, old_gw.epoch) == old_gw.secret
     assert gateways.gateway_config(gw.device_id)["gateway"] == gw.encode()
 
     # the database with only the old KEK: not one blob opens, and the features refuse
@@ -163,7 +178,9 @@ def test_rotation_moves_every_table_and_the_old_kek_opens_nothing(
                     lambda: stale.legacy_secret(cred),
                     lambda: eva_api_key(store, old),
                     lambda: stale_gw.network_key_text(before.network_id),
-                    lambda: stale_gw.gateway_secret(gw.device_id, gw.epoch)):
+                    lambda: stale_gw.network_key(before.network_id, 0),
+                    lambda: stale_gw.gateway_secret(gw.device_id, gw.epoch),
+                    lambda: stale_gw.gateway_secret(old_gw.device_id, old_gw.epoch)):
         with pytest.raises(ConfigError):
             attempt()
 
@@ -173,13 +190,16 @@ def test_kek_blob_paging_and_compare_and_swap(install: tuple[Path, Any]) -> None
     keystore = SoftwareKeystore(load_kek(path, NO_ENV))
     gateways = GatewayRegistry(store, keystore)
     ids = sorted(gateways.add_network(f"n{i}")[0].network_id for i in range(5))
+    for _ in range(2):  # epochs 0, 1, 2 of the second network: a page ends inside a network
+        gateways.rotate_network(ids[1])
     seen: list[WrappedBlob] = []
-    after: bytes | str | None = None
+    after: tuple[bytes | str, int] | None = None
     while page := store.kek_blobs(WrappedKind.NETWORK, after=after, limit=2):
         assert len(page) <= 2
         seen.extend(page)
-        after = page[-1].row
-    assert [b.row for b in seen] == ids and all(b.epoch == 0 for b in seen)
+        after = (page[-1].row, page[-1].epoch)
+    assert [(b.row, b.epoch) for b in seen] == \
+        [(ids[0], 0), (ids[1], 0), (ids[1], 1), (ids[1], 2), *((i, 0) for i in ids[2:])]
     first = seen[0]
     assert not store.replace_kek_blob(WrappedKind.NETWORK, first.row, 0, b"not it", b"x")
     assert not store.replace_kek_blob(WrappedKind.NETWORK, first.row, 1, first.wrapped, b"x")
@@ -200,15 +220,15 @@ class _RacingStore(SQLiteStore):
     keystore: SoftwareKeystore
     raced = 0
 
-    def kek_blobs(self, kind: WrappedKind, *, after: bytes | str | None = None,
+    def kek_blobs(self, kind: WrappedKind, *, after: tuple[bytes | str, int] | None = None,
                   limit: int = 500) -> list[WrappedBlob]:
         page = super().kek_blobs(kind, after=after, limit=limit)
         if kind is WrappedKind.NETWORK and page and not self.raced:
             self.raced += 1
             row = page[0]
             network_id = DeviceId(bytes(row.row))  # type: ignore[arg-type]
-            clear = self.keystore.unwrap(network_id, NETWORK_EPOCH, row.wrapped)
-            again = self.keystore.wrap(network_id, NETWORK_EPOCH, clear)
+            clear = self.keystore.unwrap(network_id, row.epoch, row.wrapped)
+            again = self.keystore.wrap(network_id, row.epoch, clear)
             assert self.replace_kek_blob(kind, row.row, 0, row.wrapped, again)
         return page
 
