@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -130,6 +130,30 @@ def _tls_ready(tls: ssl.SSLContext | None) -> ssl.SSLContext | None:
     return tls
 
 
+class _Callbacks(Protocol):
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None: ...
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, _r: Any, _p: Any) -> None: ...
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, codes: list[Any],
+                      _p: Any) -> None: ...
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None: ...
+
+
+def _configure(client: mqtt.Client, owner: _Callbacks, tls: ssl.SSLContext | None,
+               reconnect_min_s: float, reconnect_max_s: float) -> None:
+    """What both ends set on their paho client: TLS 1.2+, no client-side queue (a frame not
+    sent now is resent by the device's own retry), the reconnect backoff and the callbacks."""
+    if tls is not None:
+        client.tls_set_context(_tls_ready(tls))
+    client.max_queued_messages_set(0)
+    # paho's types say int; it only multiplies and compares them, so sub-second works.
+    client.reconnect_delay_set(min_delay=reconnect_min_s,  # type: ignore[arg-type]
+                               max_delay=reconnect_max_s)  # type: ignore[arg-type]
+    client.on_connect = owner._on_connect
+    client.on_disconnect = owner._on_disconnect
+    client.on_subscribe = owner._on_subscribe
+    client.on_message = owner._on_message
+
+
 @dataclass(slots=True)
 class RadioStats:
     """What a transport saw (the relay counts the drops; these count the traffic)."""
@@ -199,17 +223,8 @@ class MqttGatewayRadio:
             password if password is not None else
             broker_password(cfg.credential.secret, gid, cfg.credential.epoch))
         self._tls = tls is not None
-        if tls is not None:
-            self._client.tls_set_context(_tls_ready(tls))
         self._client.max_inflight_messages_set(_INFLIGHT)
-        self._client.max_queued_messages_set(0)
-        # paho's types say int; it only multiplies and compares them, so sub-second works.
-        self._client.reconnect_delay_set(min_delay=reconnect_min_s,  # type: ignore[arg-type]
-                                         max_delay=reconnect_max_s)  # type: ignore[arg-type]
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_subscribe = self._on_subscribe
-        self._client.on_message = self._on_message
+        _configure(self._client, self, tls, reconnect_min_s, reconnect_max_s)
 
     @property
     def url(self) -> str:
@@ -352,15 +367,7 @@ class MqttRadio:
                                    protocol=protocol, **extra)
         if username is not None:
             self._client.username_pw_set(username, password)
-        if tls is not None:
-            self._client.tls_set_context(_tls_ready(tls))
-        self._client.max_queued_messages_set(0)
-        self._client.reconnect_delay_set(min_delay=reconnect_min_s,  # type: ignore[arg-type]
-                                         max_delay=reconnect_max_s)  # type: ignore[arg-type]
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_subscribe = self._on_subscribe
-        self._client.on_message = self._on_message
+        _configure(self._client, self, tls, reconnect_min_s, reconnect_max_s)
         self._client.connect_async(broker[0], broker[1], keepalive=keepalive_s)
         self._client.loop_start()
 
