@@ -37,9 +37,11 @@ import time
 import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import httpx
+import psutil
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -102,14 +104,31 @@ def ingest_rate(backend: str, workers: int, messages: int, clients: int) -> floa
         bodies = [cbor2.dumps(msgs[i:i + BATCH]) for i in range(0, len(msgs), BATCH)]
         with Cluster(path, env, workers=workers) as cluster:
             post_all(cluster.url, bodies[:2], 2)  # warm-up: caches, connections
+            before = psutil.cpu_times()
             accepted, took = post_all(cluster.url, bodies[2:], clients)
+            busy = _busy_s(before, psutil.cpu_times())
         expected = messages - 2 * BATCH
         if accepted != expected:
             print(f"  warning: {accepted} of {expected} accepted", file=sys.stderr)
         rate = accepted / took
+        CORES_BUSY[(backend, workers)] = busy / took
         print(f"{backend:6} {workers} worker(s): {accepted} accepted in {took:.2f}s = "
-              f"{rate:,.0f} msg/s")
+              f"{rate:,.0f} msg/s; {busy / took:.2f} of {psutil.cpu_count()} cores busy "
+              f"(workers, database, load generator and anything else)")
         return rate
+
+
+# (back end, workers) -> cores busy machine-wide during the timed part. A run that already
+# keeps B of the machine's C cores busy with one worker can gain at most C / B from a second
+# worker if it is CPU-bound: that bound is printed next to the speed-up.
+CORES_BUSY: dict[tuple[str, int], float] = {}
+
+
+def _busy_s(before: Any, after: Any) -> float:
+    """CPU seconds spent on anything but idle and I/O wait, all cores, between two samples."""
+    idle = (after.idle - before.idle) + (getattr(after, "iowait", 0.0)
+                                         - getattr(before, "iowait", 0.0))
+    return float((sum(after) - sum(before)) - idle)
 
 
 class _nothing:
@@ -233,6 +252,16 @@ def main() -> int:
                                            result["pg_1worker_per_s"], 2)
     result["sqlite_speedup_2_workers"] = round(result["sqlite_2workers_per_s"] /
                                                result["sqlite_1worker_per_s"], 2)
+    cores = psutil.cpu_count() or 1
+    for backend in ("pg", "sqlite"):
+        one = CORES_BUSY[(backend, 1)]
+        result[f"{backend}_1worker_cores_busy"] = round(one, 2)
+        result[f"{backend}_2workers_cores_busy"] = round(CORES_BUSY[(backend, 2)], 2)
+        # CPU-bound, a second worker can add at most the cores the first run left idle.
+        result[f"{backend}_speedup_cpu_bound_limit"] = round(cores / one, 2)
+        print(f"{backend:6} speed-up with 2 workers: {result[f'{backend}_speedup_2_workers']}x; "
+              f"one worker already kept {one:.2f} of {cores} cores busy, so a CPU-bound "
+              f"limit of {cores / one:.2f}x")
     with pg_support.fresh_database(prefix="sensorseal_bench") as url:
         modes = record_modes(url)
     result["pg_record_unnest_rows_per_s"] = round(modes["unnest"])
