@@ -157,7 +157,7 @@ def run_plain(port: int, n: int, qos: int) -> float:
     sub.loop_stop()
     if not ok:
         raise RuntimeError(f"plain qos{qos}: only {got[0]} of {n} arrived")
-    return n / (t1 - t0.value)
+    return n / (t1 - float(t0.value))
 
 
 def run_sealed(port: int, n: int, qos: int, tmp: Path) -> tuple[float, dict[str, Any]]:

@@ -12,7 +12,9 @@ import contextlib
 import getpass
 import os
 import socket
+import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,17 +30,21 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sensorseal.core.credential import DeviceCredential
 from sensorseal.core.envelope import seal
 from sensorseal.core.ids import Direction, Level
-from sensorseal.core.keys import derive
+from sensorseal.core.keys import broker_password, derive
 from sensorseal.device.device import Device
 from sensorseal.keystore.software import SoftwareKeystore
 from sensorseal.mqtt import topics
 from sensorseal.mqtt.client import MqttDevice
 from sensorseal.mqtt.commands import CloudLink, CommandSender, DownlinkCounter
+from sensorseal.mqtt.dynsec import DynsecAdmin
 from sensorseal.mqtt.rpc import METHOD_NOT_FOUND, RpcClient, RpcDispatcher, RpcError, RpcTimeout
 from sensorseal.mqtt.worker import IngestWorker
 from sensorseal.registry import Registry
 from sensorseal.server.pipeline import IngestResult, Pipeline
 from sensorseal.store.sqlite import SQLiteStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mqtt_support
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -497,4 +503,56 @@ def test_rpc_round_trip_and_forged_request_ignored(broker: Broker, server: Serve
         md.stop()
         with pytest.raises(RpcTimeout):
             client.call(dev.device_id, "add", [1, 2], timeout=0.5)
+    dev.close()
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+def test_the_worker_reads_a_listener_in_bulk_and_loses_nothing(server: Server, tmp_path: Path,
+                                                               tls: bool) -> None:
+    """The worker's bulk PUBLISH reader sits on paho's socket; over TLS that socket is an
+    SSLSocket whose buffered bytes select() cannot see. 3,000 QoS 1 and 500 QoS 0 messages in
+    bursts through a real Mosquitto TLS listener must all be stored and the QoS 1 ones acked."""
+    dev = server.device("tls-sensor", policy="lax")
+    with mqtt_support.mosquitto(tmp_path, tls=True) as mosq:
+        assert mosq.tls_port is not None and mosq.tls_files is not None
+        ca = str(mosq.tls_files.ca_cert)
+        port = mosq.tls_port if tls else mosq.port
+        with DynsecAdmin(mosq.host, mosq.port, mosq.admin_username,
+                         mosq.admin_password) as admin:
+            admin.ensure_service_account("ingest", "ingest-pw")
+            admin.sync_device(dev.device_id, "active", broker_password(
+                dev.credential.secret, dev.device_id, dev.credential.epoch))
+        worker = IngestWorker(server.pipeline, mosq.host, port, store=server.store,
+                              username="ingest", password="ingest-pw",
+                              tls_ca=ca if tls else None, rate_limit=None)
+        worker.start()
+        assert worker.wait_subscribed(10)
+        time.sleep(0.2)  # SUBACK in flight
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="tls-publisher",
+                          protocol=mqtt.MQTTv5)
+        pub.username_pw_set(dev.device_id.hex(), broker_password(
+            dev.credential.secret, dev.device_id, dev.credential.epoch))
+        if tls:
+            pub.tls_set_context(ssl.create_default_context(cafile=ca))
+        pub.max_inflight_messages_set(1000)
+        pub.connect(mosq.host, port)
+        pub.loop_start()
+        with running(worker):
+            topic = topics.telemetry(dev.device_id)
+            infos = [pub.publish(topic, dev.seal(b"r%05d" % i, route=topic),
+                                 qos=0 if i % 7 == 0 else 1) for i in range(3_500)]
+            for info in infos:
+                info.wait_for_publish(20)
+            qos0 = sum(1 for i in range(3_500) if i % 7 == 0)
+            # QoS 0 may be dropped by the broker under load; QoS 1 never.
+            wait_for(lambda: server.store.count_telemetry(dev.device_id) >= 3_500 - qos0,
+                     timeout=30, what=f"every QoS 1 message stored ({worker.stats}, "
+                     f"{server.store.count_telemetry(dev.device_id)}, {server.reasons()})")
+            wait_for(lambda: worker.stats.acked >= 3_500 - qos0, timeout=30,
+                     what="every QoS 1 message acked")
+        pub.loop_stop()
+        pub.disconnect()
+    stored = {r.payload for r in server.store.telemetry(device_id=dev.device_id, limit=10_000)}
+    assert {b"r%05d" % i for i in range(3_500) if i % 7} <= stored
+    assert worker.stats.rejected == {}, worker.stats.rejected
     dev.close()
