@@ -275,3 +275,14 @@ def test_a_protected_length_that_disagrees_with_the_header_is_refused_both_ways(
     data = b"\xd0\x83" + prot + b"\xa0" + envelope._bstr(ct)
     assert envelope._FAST_SEALED.match(data) is not None
     assert both(data) == "malformed"
+
+
+@DIFF
+@given(alg=st.sampled_from([3, 5, 24]), seq=SEQS, epoch=EPOCHS, ts=STAMPS)
+def test_the_hand_built_protected_header_is_what_cbor2_encodes(alg: int, seq: int, epoch: int,
+                                                                ts: int | None) -> None:
+    expected: dict[int, Any] = {1: alg, 4: bytes(DEVICE), 6: envelope.partial_iv(seq),
+                                -65537: epoch}
+    if ts is not None:
+        expected[-65538] = ts
+    assert envelope._protected(alg, DEVICE, seq, epoch, ts) == cbor2.dumps(expected)
