@@ -709,26 +709,94 @@ def device_enroll_keys(ctx: click.Context, device_id: str, suite: str, signing: 
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the sealed downlink envelope here (else: base64 on stdout).")
 @click.option("--resend", is_flag=True, help="Re-deliver the pending offer, make no new one.")
+@click.option("--publish", is_flag=True,
+              help="Publish the envelope to the device's commands topic (QoS 1) through the "
+                   "running server's broker.")
 @click.pass_context
 def device_renew(ctx: click.Context, device_id: str, grace_s: int, route: str | None,
-                 out_file: Path | None, resend: bool) -> None:
-    """E5 renewal: seal a new root secret to the device's KEM key (HPKE), inside a downlink."""
+                 out_file: Path | None, resend: bool, publish: bool) -> None:
+    """E5 renewal: seal a new root secret to the device's KEM key (HPKE), inside a downlink.
+
+    With --publish the device gets it over MQTT (an offline device from its persistent session
+    when it returns, or from a later `--resend --publish`). Exit 4 when --publish finds no
+    running server or its broker does not take the message; the offer then stays pending."""
     import base64
 
     from sensorseal.mqtt import topics
 
     did = _device_id(device_id)
+    commands_topic = topics.commands(did)
+    if publish and route not in (None, commands_topic):
+        _fail("--publish sends to the device's commands topic; drop --route", 2)
+    info = _running_broker(ctx) if publish else None  # before any offer is made
     with _lifecycle(ctx) as life:
         if not resend:
             life.renew(did, grace_ms=grace_s * 1000)
-        envelope = life.deliver(did, route or topics.commands(did))
+        envelope = life.deliver(did, route or commands_topic)
     if envelope is None:
         _fail(f"no renewal is pending for {did}", EXIT_NO)
     if out_file is not None:
         out_file.write_bytes(envelope)
         out.print(f"Renewal offer for {did} sealed into {out_file} ({len(envelope)} bytes)")
-    else:
+    if info is not None:
+        routed = _publish_downlink(info, commands_topic, envelope)
+        out.print(f"Renewal offer for {did} published to {commands_topic} "
+                  f"({len(envelope)} bytes)", markup=False)
+        if not routed:
+            err.print(f"warning: the broker has no session for {did} (it never connected, or "
+                      "its session expired); after it connects, run `device renew --resend "
+                      "--publish`", markup=False)
+    elif out_file is None:
         click.echo(base64.b64encode(envelope).decode())
+
+
+def _running_broker(ctx: click.Context) -> Any:
+    """The running server's broker (ServiceInfo); exits 4 when no server with MQTT runs."""
+    from sensorseal.server.mqtt_service import SERVICE_FILE, ServiceInfo
+
+    datadir: DataDir = ctx.obj["datadir"]
+    try:
+        info = ServiceInfo.read(datadir.path / SERVICE_FILE)
+    except ConfigError as exc:
+        _fail(str(exc))
+    if info is None:
+        _fail(f"no server with MQTT is running on {datadir.path} (start `sensorseal serve`; "
+              "not with --no-mqtt)", EXIT_NETWORK)
+    return info
+
+
+def _publish_downlink(info: Any, topic: str, data: bytes, timeout: float = 10.0) -> bool:
+    """Publish a sealed downlink at QoS 1 (retain off) as the server's service account and wait
+    for the broker's PUBACK. False when an MQTT 5 broker routed it to nobody (0x10: the device
+    has no session); exits 4 when the broker refused it or did not answer."""
+    import threading
+
+    from sensorseal.mqtt.commands import MqttSession
+
+    _, host, port = info.endpoint
+    session = MqttSession(host, port, [], lambda _t, _d: None, username=info.username,
+                          password=info.password, tls_ca=info.ca, protocol=_mqtt_protocol(info))
+    acked = threading.Event()
+    reasons: dict[int, Any] = {}
+
+    def on_publish(_c: Any, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+        reasons[mid] = reason
+        acked.set()
+
+    session.client.on_publish = on_publish
+    _start_caller(session, info)
+    try:
+        mid = session.client.publish(topic, data, qos=1, retain=False).mid
+        if not acked.wait(timeout) or mid not in reasons:
+            _fail(f"the broker at {info.url} did not acknowledge the offer within {timeout:g}s;"
+                  " it stays pending (retry with --resend --publish)", EXIT_NETWORK)
+    finally:
+        session.stop()
+    reason = reasons[mid]
+    if getattr(reason, "is_failure", False):
+        _fail(f"the broker at {info.url} refused the offer ({reason}); it stays pending",
+              EXIT_NETWORK)
+    return getattr(reason, "value", 0) != 0x10  # MQTT 5: no matching subscribers
 
 
 @main.group()

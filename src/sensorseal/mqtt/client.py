@@ -20,6 +20,16 @@ password (`broker_password`, never the root secret). It never trusts the broker:
 
 Only one thread (the pump) moves outbox entries to paho and removes acknowledged ones: paho calls
 `on_publish` while holding its own lock, so doing outbox work there could deadlock.
+
+E5 renewal over MQTT (docs/keys.md): with a `kem_key`, a command whose authentic body is a
+renewal offer (`lifecycle.renewal_offer_of`) never reaches `on_command`; it is taken with
+`Device.accept_renewal` (the same offer again is a no-op), `on_renewal` gets the new credential
+to persist, and an ack sealed under N+1 goes out at once: the proof of possession that makes the
+server confirm. The broker login follows: the session in progress keeps the password it logged
+in with; every new login tries the newest epoch's password first and, when the broker answers
+"bad user name or password" / "not authorized", the previous epoch's next (the server may not
+have confirmed yet), one attempt per paho reconnect delay. Passwords are changed only on paho's
+network thread (in its connect/disconnect callbacks), right before the reconnect that uses them.
 """
 
 from __future__ import annotations
@@ -41,21 +51,28 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from sensorseal.core.credential import DeviceCredential
 from sensorseal.core.envelope import seal
 from sensorseal.core.errors import ConfigError, Rejected, RejectReason
-from sensorseal.core.ids import Direction, Level
-from sensorseal.core.keys import KeyContext, broker_password, derive
+from sensorseal.core.ids import Level
+from sensorseal.core.keys import broker_password
+from sensorseal.core.renewal import DeviceKemKey
 from sensorseal.device.device import Device
+from sensorseal.lifecycle import renewal_offer_of
 from sensorseal.mqtt import topics
 from sensorseal.mqtt.commands import set_nodelay
 from sensorseal.mqtt.outbox import Outbox, OutboxFull, Overflow
 from sensorseal.mqtt.rpc import RpcDispatcher
 
-__all__ = ["CommandHandler", "DeviceStats", "MqttDevice"]
+__all__ = ["RENEWAL_ACK", "CommandHandler", "DeviceStats", "MqttDevice", "RenewalHandler"]
 
 log = logging.getLogger(__name__)
 
 CommandHandler = Callable[[bytes], bytes | None]
+# (new credential, previous credential): persist both before the device may restart.
+RenewalHandler = Callable[[DeviceCredential, DeviceCredential | None], None]
+RENEWAL_ACK = "renewal"  # the `cmd` of the ack that answers a renewal offer
+_LOGIN_REFUSED = frozenset({0x86, 0x87})  # CONNACK: bad user name or password, not authorized
 _WINDOW = 500  # outbox entries handed to paho and not yet acknowledged
 _NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK reason: accepted, routed to nobody, dropped
 _NOT_ROUTED_PAUSE_S = 1.0  # wait this long before sending a not-routed message again
@@ -76,6 +93,10 @@ class DeviceStats:
     rpc_served: int = 0
     rpc_responses_unsent: int = 0
     connects: int = 0
+    renewals_accepted: int = 0  # offers that changed the credential (not re-deliveries)
+    renewals_refused: int = 0  # authentic downlinks with an offer that could not be taken
+    logins_refused: int = 0  # CONNACK "bad user name or password" / "not authorized"
+    password_fallbacks: int = 0  # logins that succeeded with the previous epoch's password
 
 
 def _decode_command(payload: bytes) -> tuple[str, bytes]:
@@ -100,10 +121,16 @@ class MqttDevice:
                  outbox_capacity: int = 10_000, overflow: Overflow = Overflow.REFUSE,
                  keepalive_s: int = 30, reconnect_min_s: float = 0.2,
                  reconnect_max_s: float = 30.0, client_id: str | None = None,
-                 durable: bool = False, protocol: MQTTProtocolVersion = mqtt.MQTTv5) -> None:
+                 durable: bool = False, protocol: MQTTProtocolVersion = mqtt.MQTTv5,
+                 kem_key: DeviceKemKey | None = None,
+                 on_renewal: RenewalHandler | None = None) -> None:
         """`protocol`: mqtt.MQTTv5 (Mosquitto, EMQX, ...) or mqtt.MQTTv311 (the embedded amqtt
         broker). Either way the device keeps a persistent session, so commands sent while it
-        reconnects wait for it."""
+        reconnects wait for it.
+
+        `kem_key`: the device's renewal key pair; without it renewal offers are refused
+        (counted). `on_renewal(new, previous)` runs on the downlink thread after an offer was
+        taken and before anything sealed under the new epoch is sent: persist both there."""
         if qos not in (0, 1):
             raise ConfigError("telemetry is published at QoS 0 or 1")
         self.device = device
@@ -113,9 +140,15 @@ class MqttDevice:
         self.outbox = Outbox(outbox_path, capacity=outbox_capacity, overflow=overflow)
         self.stats = DeviceStats()
         self.durable = durable
+        self.kem_key = kem_key
+        self.on_renewal = on_renewal
         self._keepalive = keepalive_s
-        self._signed_keys: KeyContext | None = None
-        cred = device.credential
+        # Held while sealing, and while a renewal switches keys and `on_renewal` persists them:
+        # nothing sealed under the new epoch leaves before the application has kept it.
+        self._seal_lock = threading.RLock()
+        # Broker login (paho network thread only, and start() before the loop runs).
+        self._login_index = 0  # which of `_login_passwords()` the next attempt uses
+        self._session_up = False
         self._topic_telemetry = topics.telemetry(device.device_id)
         self._topic_state = topics.state(device.device_id)
         self._topic_acks = topics.acks(device.device_id)
@@ -123,6 +156,8 @@ class MqttDevice:
         self._topic_rpc = topics.rpc_request(device.device_id)
 
         self._connected = threading.Event()
+        self._subscribed = threading.Event()  # the downlink subscriptions of this session
+        self._sub_mid: int | None = None
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._puback: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
@@ -142,8 +177,6 @@ class MqttDevice:
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2,
                                    client_id=client_id or device.device_id.hex(),
                                    protocol=protocol, **extra)
-        self._client.username_pw_set(device.device_id.hex(),
-                                     broker_password(cred.secret, device.device_id, cred.epoch))
         if tls_ca is not None:
             self._client.tls_set_context(ssl.create_default_context(cafile=tls_ca))
         self._client.max_inflight_messages_set(_WINDOW)
@@ -153,6 +186,7 @@ class MqttDevice:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -160,6 +194,8 @@ class MqttDevice:
     def start(self) -> MqttDevice:
         """Start connecting (in the background, retrying with backoff) and the worker threads."""
         self._stopping.clear()
+        self._session_up = False
+        self._use_login(0)
         if self._protocol == mqtt.MQTTv5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = _SESSION_EXPIRY_S
@@ -178,6 +214,10 @@ class MqttDevice:
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
         return self._connected.wait(timeout)
+
+    def wait_subscribed(self, timeout: float = 10.0) -> bool:
+        """Connected and the broker granted the commands and RPC subscriptions."""
+        return self._subscribed.wait(timeout)
 
     @property
     def connected(self) -> bool:
@@ -222,26 +262,36 @@ class MqttDevice:
 
     def publish_telemetry(self, payload: bytes, qos: int | None = None) -> None:
         """Seal and send one reading. Raises OutboxFull (counted) if it cannot be queued."""
-        self._send(self._topic_telemetry, self.device.seal(payload, route=self._topic_telemetry),
-                   self.qos if qos is None else qos)
+        with self._seal_lock:
+            data = self.device.seal(payload, route=self._topic_telemetry)
+        self._send(self._topic_telemetry, data, self.qos if qos is None else qos)
 
     def announce_state(self, payload: bytes, *, level: Level = Level.SIGNED) -> None:
         """Publish the device's state. Level `signed` (the default) is readable by anyone on
         the path but authenticated; `sealed` hides it. Always QoS 1 through the outbox."""
         route = self._topic_state
-        if level is self.device.level:
-            data = self.device.seal(payload, route=route)
-        else:
-            data = self._seal_other_level(payload, route, level)
+        with self._seal_lock:
+            if level is self.device.level:
+                data = self.device.seal(payload, route=route)
+            else:
+                data = self._seal_other_level(payload, route, level)
         self._send(route, data, 1)
 
     def _seal_other_level(self, payload: bytes, route: str, level: Level) -> bytes:
         # Device.seal uses one configured level; the same keys and counter serve the other.
-        if self._signed_keys is None:
-            cred = self.device.credential
-            self._signed_keys = derive(cred.secret, cred.device_id, cred.epoch, Direction.UP)
-        return seal(payload, keys=self._signed_keys, seq=self.device.counter.next(), route=route,
+        # Keys and counter are read together under the device's uplink lock: after a renewal
+        # both belong to the new epoch (a cached key of the old epoch with a number of the
+        # new counter would repeat a nonce).
+        dev = self.device
+        with dev._up_lock:
+            seq = dev.counter.next()
+            keys = dev._uplink
+        return seal(payload, keys=keys, seq=seq, route=route,
                     timestamp_ms=time.time_ns() // 1_000_000, level=level)
+
+    def _seal(self, payload: bytes, route: str) -> bytes:
+        with self._seal_lock:
+            return self.device.seal(payload, route=route)
 
     def _send(self, topic: str, data: bytes, qos: int) -> None:
         if (self._connected.is_set() and not (qos and self.durable)
@@ -263,19 +313,59 @@ class MqttDevice:
 
     # -- paho callbacks (network thread) -------------------------------------------------------
 
+    def _login_passwords(self) -> list[str]:
+        """Broker passwords to try, newest epoch first: after a renewal that the server may not
+        have confirmed yet, the previous epoch's too."""
+        dev = self.device
+        creds = [dev.credential]
+        previous = dev.previous
+        if previous is not None and previous.epoch != creds[0].epoch:
+            creds.append(previous)
+        return [broker_password(c.secret, c.device_id, c.epoch) for c in creds]
+
+    def _use_login(self, index: int) -> None:
+        """Set the password of the next login attempt (network thread, or before it runs)."""
+        passwords = self._login_passwords()
+        self._login_index = index % len(passwords)
+        self._client.username_pw_set(self.device.device_id.hex(),
+                                     passwords[self._login_index])
+
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
             log.warning("device %s: broker refused the connection (%s)",
                         self.device.device_id, reason)
+            if getattr(reason, "value", None) in _LOGIN_REFUSED:
+                # Maybe the broker still (or already) knows the other epoch's password: the
+                # next attempt, after paho's growing reconnect delay, uses it.
+                self.stats.logins_refused += 1
+                self._use_login(self._login_index + 1)
             return
         self.stats.connects += 1
+        self._session_up = True
+        if self._login_index:
+            self.stats.password_fallbacks += 1
         set_nodelay(client)
-        client.subscribe([(self._topic_commands, 1), (self._topic_rpc, 1)])
+        _, self._sub_mid = client.subscribe([(self._topic_commands, 1), (self._topic_rpc, 1)])
         self._connected.set()
         self._wake.set()
 
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, codes: Any, _p: Any) -> None:
+        if mid != self._sub_mid:
+            return
+        if any(getattr(c, "is_failure", False) for c in codes):
+            log.warning("device %s: the broker refused a downlink subscription (%s)",
+                        self.device.device_id, codes)
+        else:
+            self._subscribed.set()
+
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self._connected.clear()
+        self._subscribed.clear()
+        if self._session_up:
+            # A session ended (e.g. cut when the server confirmed a renewal): log in again with
+            # the newest password first. After a refused login the rotation above stands.
+            self._session_up = False
+            self._use_login(0)
         if not self._stopping.is_set():
             log.info("device %s: disconnected (%s); reconnecting", self.device.device_id, reason)
 
@@ -401,9 +491,45 @@ class MqttDevice:
             self._reject(exc)
             return
         if topic == self._topic_commands:
-            self._run_command(opened.payload)
+            offer = renewal_offer_of(opened.payload)
+            if offer is not None:
+                self._renew(offer)
+            else:
+                self._run_command(opened.payload)
         else:
             self._serve_rpc(opened.payload)
+
+    def _renew(self, offer: bytes) -> None:
+        """Take an authentic renewal offer, then answer with an ack sealed under the new epoch
+        (the proof of possession). A re-delivered offer is answered again, changing nothing."""
+        ack: dict[str, Any] = {"cmd": RENEWAL_ACK, "ok": True}
+        with self._seal_lock:
+            if self.kem_key is None:
+                self.stats.renewals_refused += 1
+                log.warning("device %s: renewal offer, but no KEM key configured",
+                            self.device.device_id)
+                ack.update(ok=False, error="no renewal key")
+            else:
+                before = self.device.credential
+                try:
+                    new = self.device.accept_renewal(offer, self.kem_key)
+                except Rejected as exc:
+                    self.stats.renewals_refused += 1
+                    self._reject(exc)
+                    ack.update(ok=False, error=exc.reason.value)
+                else:
+                    if new is not before:
+                        self.stats.renewals_accepted += 1
+                        log.info("device %s: renewed to epoch %d", self.device.device_id,
+                                 new.epoch)
+                        if self.on_renewal is not None:
+                            try:
+                                self.on_renewal(new, self.device.previous)
+                            except Exception:
+                                log.exception("device %s: on_renewal failed",
+                                              self.device.device_id)
+            data = self.device.seal(cbor2.dumps(ack), route=self._topic_acks)
+        self._send(self._topic_acks, data, 1)
 
     def _run_command(self, payload: bytes) -> None:
         try:
@@ -421,7 +547,7 @@ class MqttDevice:
                 log.exception("command handler failed")
                 ack.update(ok=False, error=f"handler failed: {type(exc).__name__}")
         self.stats.commands_executed += 1
-        data = self.device.seal(cbor2.dumps(ack), route=self._topic_acks)
+        data = self._seal(cbor2.dumps(ack), self._topic_acks)
         self._send(self._topic_acks, data, 1)
 
     def _serve_rpc(self, payload: bytes) -> None:
@@ -431,7 +557,7 @@ class MqttDevice:
             self._reject(exc)
             return
         route = topics.rpc_response(self.device.device_id, req_id)
-        data = self.device.seal(response, route=route)
+        data = self._seal(response, route)
         self.stats.rpc_served += 1
         if self._connected.is_set():
             # Straight out: a response is useful only while the caller waits.
