@@ -9,7 +9,9 @@ kick and refuse, and an acknowledged QoS 1 message is never lost to a slow subsc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import ssl
 import sys
 import threading
@@ -312,3 +314,49 @@ def test_embedded_broker_with_registry_auth(registry: Registry) -> None:
         with pytest.raises(TimeoutError):
             Probe.connect(HOST, eb.port, cb.device_id.hex(), pw_b, protocol=mqtt.MQTTv5,
                           timeout=1.5)
+
+
+def _mqtt_str(text: str) -> bytes:
+    raw = text.encode()
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def _packet(first: int, body: bytes) -> bytes:
+    n, length = len(body), b""
+    while True:  # MQTT variable-length remaining length
+        byte, n = n % 128, n // 128
+        length += bytes((byte | (0x80 if n else 0),))
+        if not n:
+            return bytes((first,)) + length + body
+
+
+def test_embedded_broker_delivers_what_it_acked_when_the_publisher_leaves_at_once(
+        registry: Registry) -> None:
+    """amqtt 0.12.1 PUBACKs a QoS 1 PUBLISH when it queues it, and its client loop used to stop
+    at DISCONNECT with messages still queued: acknowledged and lost. One write of CONNECT,
+    200 PUBLISH and DISCONNECT makes the broker see the DISCONNECT while most are queued."""
+    ca = registry.add_device("burst")
+    pw = broker_password(ca.secret, ca.device_id, ca.epoch)
+    auth = registry_auth(registry)
+    topic = topics.telemetry(ca.device_id)
+    with mqtt_support.embedded_broker(auth.as_broker_auth()) as eb:
+        svc = _embedded_probe(eb.port, auth.service_username, auth.service_password)
+        assert svc.subscribe("sensorseal/+/telemetry")
+        connect = _packet(0x10, _mqtt_str("MQTT") + b"\x04\xc2\x00\x3c" + _mqtt_str("burst-1")
+                          + _mqtt_str(ca.device_id.hex()) + _mqtt_str(pw))
+        publishes = b"".join(_packet(0x32, _mqtt_str(topic) + (i + 1).to_bytes(2, "big")
+                                     + b"m%03d" % i) for i in range(200))
+        with socket.create_connection((HOST, eb.port), timeout=5) as sock:
+            sock.sendall(connect + publishes + b"\xe0\x00")
+            received = b""
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(65536):
+                    received += chunk
+        assert received[:4] == b"\x20\x02\x00\x00", "CONNACK accepted"
+        acked = received.count(b"\x40\x02")  # PUBACKs (the ids never contain 0x40 0x02 here)
+        assert acked > 0
+        svc.wait(lambda: len(svc.messages) >= acked, timeout=10)
+        settle()
+        got = {payload for _topic, payload in svc.messages}
+        assert len(got) >= acked, f"{acked} acked, {len(got)} delivered"
+        svc.close()

@@ -27,6 +27,7 @@ What amqtt 0.12.1 cannot do (see docs/brokers.md):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import re
@@ -227,6 +228,53 @@ class SensorsealTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]
 # --------------------------------------------------------------------------- the broker
 
 
+class _DeliveringBroker(Broker):  # type: ignore[misc]  # amqtt ships no type hints
+    """amqtt's Broker, minus a way to lose acknowledged messages.
+
+    amqtt 0.12.1 sends the PUBACK of a QoS 1 PUBLISH when it puts the message on the session's
+    delivery queue; the client loop then takes messages off that queue one by one, and stops at
+    DISCONNECT (or a cut session) with the rest still queued, or with one taken but not yet
+    handled. Those were acknowledged to the publisher and never delivered
+    (tests/e2e/test_brokers.py reproduces it: 200 acked, 101 delivered). Here every message
+    taken off the queue is remembered until it was handled, and when the loop ends the ones
+    left are handled (topic checks and broadcast, as usual) before the session goes.
+    """
+
+    async def _client_message_loop(self, client_session: Session, handler: Any) -> None:
+        taken: list[Any] = []
+        next_message = handler.mqtt_deliver_next_message
+
+        async def tracked() -> Any:
+            message = await next_message()
+            taken.append(message)  # no await in between: a cancellation cannot split the two
+            return message
+
+        handler.mqtt_deliver_next_message = tracked
+        handler._sensorseal_taken = taken
+        await super()._client_message_loop(client_session, handler)
+        queue = client_session.delivered_message_queue
+        left = list(taken)
+        taken.clear()
+        while not queue.empty():
+            left.append(queue.get_nowait())
+        for message in left:
+            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            done.set_result(message)
+            try:
+                await super()._handle_message_delivery(client_session, handler, done)
+            except Exception:  # a broadcast failing for one message must not stop the rest
+                log.exception("embedded broker: could not deliver a queued message")
+
+    async def _handle_message_delivery(self, client_session: Session, handler: Any,
+                                       wait_deliver: asyncio.Future[Any]) -> bool:
+        taken = getattr(handler, "_sensorseal_taken", None)
+        if taken:
+            with contextlib.suppress(ValueError):
+                taken.remove(wait_deliver.result())
+        return bool(await super()._handle_message_delivery(client_session, handler,
+                                                           wait_deliver))
+
+
 @dataclass(eq=False)
 class EmbeddedBroker:
     """amqtt on `host:port` (port 0 = a free port; read `.port` after start()).
@@ -260,7 +308,7 @@ class EmbeddedBroker:
         self._key = secrets.token_hex(16)
         _HOOKS[self._key] = self.auth
         try:
-            broker = Broker(self._config())
+            broker = _DeliveringBroker(self._config())
             await broker.start()
         except BaseException:
             _HOOKS.pop(self._key, None)
