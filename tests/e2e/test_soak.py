@@ -114,6 +114,7 @@ class Fleet:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     last_ack: float = field(default_factory=time.monotonic)
     dropped: int = 0  # PUBACKs with "no matching subscribers"
+    copies: Counter[tuple[str, int]] = field(default_factory=Counter)  # publishes per message
 
     def connect(self) -> None:
         for n in range(PUBLISHERS):
@@ -155,6 +156,7 @@ class Fleet:
         # when it calls on_publish, which takes ours.
         info = self.clients[n].publish(topic, data, qos=1)
         with self._lock:
+            self.copies[key] += 1
             if (n, info.mid) in self._early_dropped:
                 self._early_dropped.discard((n, info.mid))  # dropped: stays unacknowledged
             elif (n, info.mid) in self._early:
@@ -273,6 +275,7 @@ def _soak(db_url: str, tmp_path: Path, messages: int,
             # (PUBACK 0x10) while a restarted broker had not yet restored the workers' shared
             # subscriptions publishes again, and a copy that did get through is then refused.
             before = replays_for_injected()
+            copies_before = {key: fleet.copies[key] for key in injected}
             for j, key in enumerate(injected):
                 fleet.publish(key, *fleet.sent[key], j % PUBLISHERS)
             injected_again = fleet.resend_unacked(60)
@@ -291,6 +294,11 @@ def _soak(db_url: str, tmp_path: Path, messages: int,
                 raise
             time.sleep(1.5)  # any second rejection of the same replay would show up now
             rejected = replays_for_injected()
+            # Each injected replay, and each copy of it the device published again, is refused
+            # at most once. A device publishes again after "no matching subscribers"; Mosquitto
+            # 2.0.11 sometimes answers that after a restart and still delivers, so a re-sent
+            # copy may be refused a second time (never stored).
+            copies = {k: fleet.copies[k] - copies_before[k] for k in injected}
             twice = [k for k in injected if rejected[k] - before[k] != 1][:3]
             if twice:  # say where the extra copies came from
                 with psycopg.connect(db_url) as db:
@@ -318,6 +326,7 @@ def _soak(db_url: str, tmp_path: Path, messages: int,
         "messages": messages, "devices": DEVICES, "faults": done,
         "acked": len(acked), "stored": len(stored), "republished_by_devices": republished,
         "injected_replays": len(injected), "injected_rejected": injected_rejected,
+        "injected_copies_published": sum(copies.values()),
         "other_replays_(redeliveries)": int(total_replays[0] if total_replays else 0)
         - injected_rejected,
         "other_rejections": dict(other), "worker_starts": restarts,
@@ -328,7 +337,11 @@ def _soak(db_url: str, tmp_path: Path, messages: int,
     assert len(stored) == len(stored_set), "a message was stored twice"
     assert acked <= stored_set, f"{len(acked - stored_set)} acknowledged messages lost"
     assert stored_set <= set(fleet.sent), "a row that no device sent"
-    assert all(rejected[k] - before[k] == 1 for k in injected), "a replay not rejected once"
+    assert all(1 <= rejected[k] - before[k] <= copies[k] for k in injected), \
+        "an injected replay not refused, or refused more often than it was published"
+    # Without a broker restart nothing is published twice: there, exactly once each.
+    assert all(rejected[k] - before[k] == 1 for k in injected if copies[k] == 1), \
+        "a replay not rejected exactly once"
     assert not other, f"unexpected rejections: {other}"
     return figures
 
