@@ -10,6 +10,7 @@
 PY ?= .venv/bin/python
 PYTEST ?= .venv/bin/pytest
 FUZZ_INPUTS ?= 1000000
+FUZZ_CHUNK ?= 50000
 SOAK_MESSAGES ?= 200000
 ARGS ?=
 
@@ -18,9 +19,17 @@ ARGS ?=
 test:
 	scripts/test $(ARGS)
 
+# In chunks of FUZZ_CHUNK inputs, each with its own seed, a line of progress per chunk; the
+# first failing chunk stops the run (its seed reproduces it: SENSORSEAL_FUZZ_SEED=N).
 fuzz:
-	SENSORSEAL_FUZZ_INPUTS=$(FUZZ_INPUTS) $(PYTEST) -q -p no:cacheprovider -s \
-		-o timeout=0 tests/fuzz
+	@done=0; chunk=0; \
+	while [ $$done -lt $(FUZZ_INPUTS) ]; do \
+		chunk=$$((chunk + 1)); \
+		echo "fuzz chunk $$chunk (seed $$chunk): inputs $$done..$$((done + $(FUZZ_CHUNK))) of $(FUZZ_INPUTS)"; \
+		SENSORSEAL_FUZZ_SEED=$$chunk SENSORSEAL_FUZZ_INPUTS=$(FUZZ_CHUNK) $(PYTEST) -q \
+			-p no:cacheprovider -s -o timeout=0 tests/fuzz || exit 1; \
+		done=$$((done + $(FUZZ_CHUNK))); \
+	done; echo "fuzz: $$done inputs in $$chunk chunks, no failure"
 
 fuzz-ci:
 	$(PYTEST) -q -p no:cacheprovider -s tests/fuzz
