@@ -38,12 +38,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-import cbor2
-
 from sensorseal.core.credential import DeviceCredential
 from sensorseal.core.errors import ConfigError
 from sensorseal.core.ids import DeviceId
-from sensorseal.core.renewal import Phase, RenewalState, make_offer
+from sensorseal.core.renewal import (
+    Phase,
+    RenewalState,
+    make_offer,
+    renewal_body,
+    renewal_offer_of,
+)
 from sensorseal.keystore.base import Keystore
 from sensorseal.keystore.software import (
     KEK_ENV,
@@ -85,7 +89,6 @@ __all__ = [
 
 KEK_NEXT_FILE = "kek.next"
 KEK_OLD_FILE = "kek.old"
-RENEWAL_KEY = "renewal"  # the downlink body is CBOR {"renewal": offer}
 META_KEK_ID = "kek_id"  # as in sensorseal.datadir
 
 DeviceHook = Callable[[DeviceId], object]
@@ -94,24 +97,6 @@ SealDown = Callable[[DeviceId, bytes, str], bytes]
 
 def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def renewal_body(offer: bytes) -> bytes:
-    """The downlink body that carries an offer: CBOR {"renewal": offer}."""
-    return cbor2.dumps({RENEWAL_KEY: bytes(offer)})
-
-
-def renewal_offer_of(body: bytes) -> bytes | None:
-    """The offer inside an (already authenticated) downlink body, or None if it is another
-    kind of command. The device passes the offer to `Device.accept_renewal`."""
-    try:
-        item = cbor2.loads(body, max_depth=2, allow_indefinite=False)
-    except Exception:
-        return None
-    if type(item) is not dict or set(item) != {RENEWAL_KEY}:
-        return None
-    offer = item[RENEWAL_KEY]
-    return offer if type(offer) is bytes else None
 
 
 class KeyLifecycle:

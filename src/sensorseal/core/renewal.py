@@ -63,7 +63,9 @@ __all__ = [
     "accept_offer",
     "make_offer",
     "parse_offer",
+    "renewal_body",
     "renewal_info",
+    "renewal_offer_of",
 ]
 
 INFO_LABEL = "sensorseal/1 renewal"
@@ -388,3 +390,26 @@ class RenewalState:
         if (state.phase is Phase.PENDING) != (state.offer is not None):
             raise ConfigError("stored renewal state is corrupt")
         return state
+
+
+# -- the downlink body that carries an offer (the envelope around it is the caller's) ----------
+
+RENEWAL_KEY = "renewal"  # the downlink body is CBOR {"renewal": offer}
+
+
+def renewal_body(offer: bytes) -> bytes:
+    """The downlink body that carries an offer: CBOR {"renewal": offer}."""
+    return cbor2.dumps({RENEWAL_KEY: bytes(offer)})
+
+
+def renewal_offer_of(body: bytes) -> bytes | None:
+    """The offer inside an (already authenticated) downlink body, or None if it is another
+    kind of command. The device passes the offer to `Device.accept_renewal`."""
+    try:
+        item = cbor2.loads(body, max_depth=2, allow_indefinite=False)
+    except Exception:
+        return None
+    if type(item) is not dict or set(item) != {RENEWAL_KEY}:
+        return None
+    offer = item[RENEWAL_KEY]
+    return offer if type(offer) is bytes else None

@@ -22,7 +22,7 @@ Only one thread (the pump) moves outbox entries to paho and removes acknowledged
 `on_publish` while holding its own lock, so doing outbox work there could deadlock.
 
 E5 renewal over MQTT (docs/keys.md): with a `kem_key`, a command whose authentic body is a
-renewal offer (`lifecycle.renewal_offer_of`) never reaches `on_command`; it is taken with
+renewal offer (`core.renewal.renewal_offer_of`) never reaches `on_command`; it is taken with
 `Device.accept_renewal` (the same offer again is a no-op), `on_renewal` gets the new credential
 to persist, and an ack sealed under N+1 goes out at once: the proof of possession that makes the
 server confirm. The broker login follows: the session in progress keeps the password it logged
@@ -56,9 +56,8 @@ from sensorseal.core.envelope import seal
 from sensorseal.core.errors import ConfigError, Rejected, RejectReason
 from sensorseal.core.ids import Level
 from sensorseal.core.keys import broker_password
-from sensorseal.core.renewal import DeviceKemKey
+from sensorseal.core.renewal import DeviceKemKey, renewal_offer_of
 from sensorseal.device.device import Device
-from sensorseal.lifecycle import renewal_offer_of
 from sensorseal.mqtt import topics
 from sensorseal.mqtt.commands import set_nodelay
 from sensorseal.mqtt.outbox import Outbox, OutboxFull, Overflow
