@@ -174,8 +174,10 @@ class Device:
     def counter(self) -> SequenceCounter:
         return self._counter
 
-    def seal(self, payload: bytes, *, route: str = DEFAULT_ROUTE) -> bytes:
-        """Protect `payload` for `route` with the next uplink sequence number.
+    def seal(self, payload: bytes, *, route: str = DEFAULT_ROUTE,
+             level: Level | None = None) -> bytes:
+        """Protect `payload` for `route` with the next uplink sequence number, at the device's
+        level or at `level` (the same keys and counter serve both levels).
 
         Every call consumes a number, even if the bytes are never sent. To retry a send, resend
         the same bytes; never seal the same payload again expecting the same result.
@@ -184,7 +186,7 @@ class Device:
             seq = self._counter.next()
             keys = self._uplink
         ts = self._clock_ms() if self._clock_ms is not None else None
-        if self.level is Level.SEALED:
+        if (level or self.level) is Level.SEALED:
             return seal(payload, keys=keys, seq=seq, route=route, timestamp_ms=ts,
                         level=Level.SEALED, alg=self.alg)
         return seal(payload, keys=keys, seq=seq, route=route, timestamp_ms=ts,

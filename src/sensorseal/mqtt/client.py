@@ -52,7 +52,6 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from sensorseal.core.credential import DeviceCredential
-from sensorseal.core.envelope import seal
 from sensorseal.core.errors import ConfigError, Rejected, RejectReason
 from sensorseal.core.ids import Level
 from sensorseal.core.keys import broker_password
@@ -277,16 +276,11 @@ class MqttDevice:
         self._send(route, data, 1)
 
     def _seal_other_level(self, payload: bytes, route: str, level: Level) -> bytes:
-        # Device.seal uses one configured level; the same keys and counter serve the other.
-        # Keys and counter are read together under the device's uplink lock: after a renewal
+        # Device.seal reads keys and counter together under its uplink lock: after a renewal
         # both belong to the new epoch (a cached key of the old epoch with a number of the
         # new counter would repeat a nonce).
-        dev = self.device
-        with dev._up_lock:
-            seq = dev.counter.next()
-            keys = dev._uplink
-        return seal(payload, keys=keys, seq=seq, route=route,
-                    timestamp_ms=time.time_ns() // 1_000_000, level=level)
+        with self._seal_lock:
+            return self.device.seal(payload, route=route, level=level)
 
     def _seal(self, payload: bytes, route: str) -> bytes:
         with self._seal_lock:
