@@ -74,8 +74,8 @@ def _bstr(b: bytes) -> bytes:
 
 _ENC0_PREFIX = b"\x83" + cbor2.dumps("Encrypt0")
 _MAC0_PREFIX = b"\x84" + cbor2.dumps("MAC0")
-_aad_cache: dict[tuple[Direction, str], bytes] = {}
-# The same, per direction and keyed by route alone: an enum's hash runs Python code.
+# External AADs as CBOR byte strings, per direction and keyed by route (an enum in the key
+# would cost a Python-level hash on every message).
 _aad_up: dict[str, bytes] = {}
 _aad_down: dict[str, bytes] = {}
 
@@ -87,13 +87,12 @@ def external_aad(direction: Direction, route: str) -> bytes:
 
 def _aad_bstr(direction: Direction, route: str) -> bytes:
     """The external AAD wrapped as a CBOR byte string, cached: routes are few."""
-    key = (direction, route)
-    aad = _aad_cache.get(key)
+    cache = _aad_up if direction is Direction.UP else _aad_down
+    aad = cache.get(route)
     if aad is None:
         aad = _bstr(external_aad(direction, route))
-        if len(_aad_cache) < 4096:  # never let the cache grow without bound
-            _aad_cache[key] = aad
-            (_aad_up if direction is Direction.UP else _aad_down)[route] = aad
+        if len(cache) < 2048:  # never let the cache grow without bound (4,096 in all)
+            cache[route] = aad
     return aad
 
 
